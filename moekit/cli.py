@@ -1,0 +1,294 @@
+"""The ``moekit`` command line: maps verbs to the typed Python functions that do the work.
+
+    moekit compare   train an MoE model and its dense twins, write runs/<name>/report.md   (moekit.compare.compare)
+    moekit train     train one model                                                     (moekit.train.run_training)
+    moekit generate  sample from a checkpoint, streaming                                 (moekit.evaluation.generate_text)
+    moekit eval      validation loss, perplexity and bits per byte of a checkpoint       (moekit.evaluation.eval_checkpoint)
+    moekit costs     parameters, FLOPs and memory of a preset, config or checkpoint      (moekit.costs.costs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# glibc returns large freed blocks to the OS and re-faults them on the next step; keeping them
+# (no mmap for big blocks, no trimming) is measurably faster for training loops (benchmarks/moe_layer.py).
+ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def _tune_allocator() -> None:
+    """Re-exec once with the allocator settings (glibc reads them at start-up only)."""
+    if os.environ.get("MOEKIT_NO_ALLOCATOR_TUNING") or all(k in os.environ for k in ALLOCATOR_ENV):
+        return
+    if sys.platform != "linux" or not sys.argv or not sys.argv[0]:
+        return
+    env = {**os.environ, **{k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}}
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "moekit", *sys.argv[1:]], env)
+    except OSError:
+        pass
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def model_config_from_args(args: argparse.Namespace):
+    from moekit.config import ModelConfig
+    from moekit.presets import get_preset
+
+    cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
+    d = cfg.to_dict()
+    moe_flags = {"n_experts": args.n_experts, "top_k": args.top_k, "expert_ffn_dim": args.expert_ffn_dim}
+    model_flags = {"dim": args.dim, "n_layers": args.n_layers, "ffn_dim": args.ffn_dim}
+    d.update({k: v for k, v in model_flags.items() if v is not None})
+    if d["moe"] is not None:
+        d["moe"].update({k: v for k, v in moe_flags.items() if v is not None})
+    for item in args.set or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        target = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if not isinstance(target.get(p), dict):
+                raise SystemExit(f"--set {key}: {p!r} is not a nested config")
+            target = target[p]
+        target[leaf] = _parse_value(value)
+    try:
+        return ModelConfig.from_dict(d)
+    except ValueError as e:
+        raise SystemExit(f"invalid model config: {e}") from e
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from moekit.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kwargs = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    try:
+        return TrainConfig(**kwargs)
+    except ValueError as e:
+        raise SystemExit(f"invalid training config: {e}") from e
+
+
+def data_spec_from_args(args: argparse.Namespace):
+    from moekit.train import DataSpec
+
+    return DataSpec(corpus=args.corpus, tokenizer=args.tokenizer, val_path=args.val, text_field=args.text_field,
+                    cache_dir=args.cache_dir)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="small", help="named model config (see `moekit costs --list`); default small")
+    g.add_argument("--config", help="a model config.json instead of a preset")
+    g.add_argument("--dim", type=int, help="model width")
+    g.add_argument("--n-layers", dest="n_layers", type=int, help="transformer layers")
+    g.add_argument("--ffn-dim", dest="ffn_dim", type=int, help="dense FFN width")
+    g.add_argument("--n-experts", dest="n_experts", type=int, help="routed experts per MoE layer")
+    g.add_argument("--top-k", dest="top_k", type=int, help="experts per token")
+    g.add_argument("--expert-ffn-dim", dest="expert_ffn_dim", type=int, help="width of each expert (fine-grained)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any ModelConfig field, nested with dots, e.g. --set moe.capacity_factor=1.25 (repeatable)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, help="optimizer steps (default 300)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per micro-batch (default 16)")
+    g.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sequence (default 256)")
+    g.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per step (default 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    g.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warmup steps (default 30)")
+    g.add_argument("--router-lr-scale", dest="router_lr_scale", type=float, help="router lr multiplier (default 1)")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype (default bf16)")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--eval-every", dest="eval_every", type=int, help="validate every N steps (default 50)")
+    g.add_argument("--eval-batches", dest="eval_batches", type=int, help="validation batches (default 16)")
+    g.add_argument("--save-every", dest="save_every", type=int, help="checkpoint every N steps (default: end only)")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", default="stdlib",
+                   help="'stdlib' (this Python's standard library source, the default), a text file, a directory, "
+                        ".jsonl or .parquet")
+    g.add_argument("--val", help="a separate validation corpus (default: a deterministic split of --corpus)")
+    g.add_argument("--tokenizer", default="byte", help="'byte' (default), 'bpe' (trained locally) or a tokenizer.json path")
+    g.add_argument("--text-field", dest="text_field", default="text", help="text field of jsonl/parquet records")
+    g.add_argument("--cache-dir", dest="cache_dir", help="token cache (default ~/.cache/moekit/tokens or $MOEKIT_CACHE)")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moekit.compare import compare
+
+    cfg = model_config_from_args(args)
+    res = compare(cfg, train_config_from_args(args), data_spec_from_args(args), name=args.name,
+                  runs_dir=args.runs_dir, dense_total=args.dense_total, plots=not args.no_plots,
+                  progress=not args.quiet)
+    out = Path(args.runs_dir) / res["name"]
+    print((out / "report.md").read_text())
+    print(f"wrote {out}/report.md, results.json" + ("" if args.no_plots else " and plots"))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moekit.train import run_training
+
+    res = run_training(model_config_from_args(args), train_config_from_args(args), data_spec_from_args(args),
+                       run_dir=args.out, resume=args.resume, progress=not args.quiet)
+    print(f"trained {res.steps} steps, {res.tokens:,} tokens in {res.train_seconds:.1f}s "
+          f"({res.tokens_per_s:,.0f} tokens/s); final validation loss {res.final_val_loss}; checkpoint in {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from moekit.evaluation import generate_text
+
+    for piece in generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moekit.evaluation import eval_checkpoint
+
+    res = eval_checkpoint(args.checkpoint, corpus=args.corpus, val_path=args.val, text_field=args.text_field,
+                          batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches,
+                          cache_dir=args.cache_dir)
+    print(json.dumps(res, indent=2) if args.json else
+          f"val loss {res['val_loss']:.4f} nats/token, perplexity {res['perplexity']:.2f}, "
+          f"{res['bits_per_byte']:.4f} bits/byte over {res['tokens']:,} tokens")
+    return 0
+
+
+def cmd_costs(args: argparse.Namespace) -> int:
+    from moekit.costs import costs, format_costs
+    from moekit.presets import PRESETS
+
+    if args.list:
+        print("\n".join(PRESETS))
+        return 0
+    if args.checkpoint:
+        cfg = _config_of_checkpoint(args.checkpoint)
+    else:
+        cfg = model_config_from_args(args)
+    c = costs(cfg, seq_len=args.seq_len)
+    print(json.dumps(c.to_dict(), indent=2) if args.json else format_costs(c))
+    return 0
+
+
+def _config_of_checkpoint(path: str):
+    from moekit.config import ModelConfig
+
+    p = Path(path)
+    cfg_file = p / "config.json" if p.is_dir() else p
+    try:
+        from moekit.hf import config_from_hf_dir  # Hugging Face directories, when that module is present
+    except ImportError:
+        config_from_hf_dir = None
+    if config_from_hf_dir is not None and p.is_dir():
+        return config_from_hf_dir(p)
+    return ModelConfig.from_json(cfg_file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts transformers and their dense twins.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices and other details")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("compare", help="train an MoE model and its dense twins; write a side-by-side report",
+                       description="Train an MoE model, its dense twin with the same active parameters (and "
+                                   "optionally the one with the same total parameters) on the same data and budget; "
+                                   "write runs/<name>/report.md, results.json and plots.")
+    _add_model_args(p)
+    _add_train_args(p)
+    _add_data_args(p)
+    p.add_argument("--name", help="run name (default: the preset name)")
+    p.add_argument("--runs-dir", dest="runs_dir", default="runs", help="where runs/<name>/ is written (default runs)")
+    p.add_argument("--dense-total", dest="dense_total", action="store_true",
+                   help="also train the dense twin with the same TOTAL parameters")
+    p.add_argument("--no-plots", dest="no_plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("train", help="train one model", description="Train one model; checkpoints and metrics.jsonl "
+                                                                      "go to --out. --resume continues the same run.")
+    _add_model_args(p)
+    _add_train_args(p)
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint, streaming",
+                       description="Sample from a checkpoint (a run directory or a checkpoint directory).")
+    p.add_argument("checkpoint", help="run or checkpoint directory")
+    p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200, help="tokens to sample (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", dest="top_k", type=int, default=50, help="sample among the k most likely (default 50)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint",
+                       description="Evaluate a checkpoint on the validation split of a corpus.")
+    p.add_argument("checkpoint", help="run or checkpoint directory")
+    p.add_argument("--corpus", default="stdlib", help="corpus as for train (default stdlib)")
+    p.add_argument("--val", help="a separate validation corpus")
+    p.add_argument("--text-field", dest="text_field", default="text", help="text field of jsonl/parquet records")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="sequences per batch (default 8)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="tokens per sequence (default: trained)")
+    p.add_argument("--max-batches", dest="max_batches", type=int, default=None, help="limit the batches (default all)")
+    p.add_argument("--cache-dir", dest="cache_dir", help="token cache directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("costs", help="parameters, FLOPs/token, memory of a preset, config or checkpoint",
+                       description="The analytic cost model: total and active parameters, FLOPs per token, weight "
+                                   "memory, KV cache per token, sparsity.")
+    _add_model_args(p)
+    p.add_argument("--checkpoint", help="a moekit or Hugging Face checkpoint directory")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=None,
+                   help="context for the attention FLOPs (default: the model's max_seq_len)")
+    p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
+    p.add_argument("--list", action="store_true", help="list the presets")
+    p.set_defaults(func=cmd_costs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _tune_allocator()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from moekit.checkpoint import CheckpointError
+    from moekit.train import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError, CheckpointError, NonFiniteLossError) as e:
+        if args.verbose:
+            raise
+        print(f"moekit {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

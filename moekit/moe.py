@@ -1,0 +1,107 @@
+"""The MoE layer: route -> dispatch -> experts -> combine (+ shared experts).
+
+Legend: T tokens, D dim, E experts, K top-k, A = T*K rows.
+
+Usable on its own as a drop-in FFN:
+
+    layer = MoE(dim=512, config=MoEConfig(n_experts=8, top_k=2, expert_ffn_dim=1408))
+    res = layer(x)   # res.out has x's shape; res.aux_loss, res.z_loss, res.stats
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.dispatch import DispatchPlan, plan_dispatch
+from moekit.experts import MLP, Experts
+from moekit.losses import router_z_loss, seq_aux_loss, switch_aux_loss
+from moekit.router import Router, RoutingResult
+
+
+@dataclass
+class MoEStats:
+    """Per-layer routing statistics of one forward, as tensors (no host sync in forward)."""
+
+    tokens_per_expert: Tensor  # [E] rows each expert processed (after capacity)
+    routed_per_expert: Tensor  # [E] assignments the router made (before capacity): the load
+    load_imbalance: Tensor  # max / mean of routed_per_expert (1 = perfectly balanced)
+    dropped_frac: Tensor  # fraction of assignments dropped by capacity
+    router_entropy: Tensor  # mean per-token entropy of the routing distribution (nats)
+    dead_experts: Tensor  # experts that received no assignment
+    lb_loss: Tensor  # the unweighted Switch balance loss (1 = uniform), for logging
+
+
+@dataclass
+class MoEOutput:
+    out: Tensor
+    aux_loss: Tensor  # weighted balance losses (Switch + sequence-level), ready to add to the loss
+    z_loss: Tensor  # weighted router z-loss
+    stats: MoEStats
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, config: MoEConfig, router: Router | None = None):
+        super().__init__()
+        if config.expert_ffn_dim is None:
+            raise ValueError("expert_ffn_dim: must be set for a standalone MoE layer")
+        self.dim, self.config = dim, config
+        # a router passed in is shared with other layers (Omni-router); it is then also a submodule here
+        self.router = router if router is not None else Router(dim, config)
+        self.experts = Experts(config.n_experts, dim, config.expert_ffn_dim, config.activation, config.backend)
+        self.shared = MLP(dim, config.shared_ffn_dim, config.activation) if config.n_shared_experts else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        x_TD = x.reshape(-1, self.dim)
+        routing = self.router(x_TD)                                     # route
+        plan = plan_dispatch(routing, self.config)                      # dispatch: sort rows by expert
+        y_AD = self.experts(x_TD[plan.token_idx_A], plan)               # experts on contiguous slices
+        out_TD = combine(y_AD, plan).to(x.dtype)                        # weighted sum back per token
+        if self.shared is not None:                                     # always-on shared experts
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            out_TD = out_TD + shared_TD.to(out_TD.dtype)
+        aux_loss, z_loss, lb_loss = self._losses(routing, x.shape)
+        return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, routing_stats(routing, plan, lb_loss))
+
+    def _losses(self, routing: RoutingResult, shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.config
+        lb_loss = switch_aux_loss(routing.probs_TE, routing.topk_idx_TK)
+        aux_loss = cfg.aux_loss_coef * lb_loss
+        if cfg.seq_aux_loss_coef > 0:
+            # sequences are the leading dims of a (B, S, D) input; anything else is one sequence
+            B = shape[0] if len(shape) == 3 else 1
+            E, K = cfg.n_experts, cfg.top_k
+            aux_loss = aux_loss + cfg.seq_aux_loss_coef * seq_aux_loss(
+                routing.probs_TE.view(B, -1, E), routing.topk_idx_TK.view(B, -1, K))
+        z_loss = cfg.z_loss_coef * router_z_loss(routing.logits_TE) if cfg.z_loss_coef > 0 else lb_loss.new_zeros(())
+        return aux_loss, z_loss, lb_loss.detach()
+
+
+def combine(y_AD: Tensor, plan: DispatchPlan) -> Tensor:
+    """Put rows back in (token, k) order and take the weighted sum over k: out_t = sum_k w_tk y_tk."""
+    T, K = plan.n_tokens, plan.top_k
+    y_TKD = y_AD[plan.inverse_A].view(T, K, -1)
+    w_TK = plan.weight_A[plan.inverse_A].view(T, K)
+    return torch.bmm(w_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)
+
+
+@torch.no_grad()
+def routing_stats(routing: RoutingResult, plan: DispatchPlan, lb_loss: Tensor) -> MoEStats:
+    routed_E = plan.routed_per_expert_E
+    p_TE = routing.probs_TE
+    entropy = -(p_TE * p_TE.clamp_min(1e-20).log()).sum(-1).mean()
+    return MoEStats(
+        tokens_per_expert=plan.kept_per_expert_E,
+        routed_per_expert=routed_E,
+        load_imbalance=routed_E.max() / routed_E.mean().clamp_min(1e-20),
+        dropped_frac=plan.dropped_frac,
+        router_entropy=entropy,
+        dead_experts=(routed_E == 0).sum(),
+        lb_loss=lb_loss,
+    )

@@ -1,0 +1,321 @@
+"""The trainer: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast, validation, checkpoints.
+
+One step = ``grad_accum`` micro-batches of ``batch_size x seq_len`` tokens. Each micro-batch's loss
+(LM + its own weighted aux and z losses, see ``losses.py`` for their scope) is divided by
+``grad_accum``, so the step's gradient is the mean over micro-batches for every term alike.
+After the optimizer step the aux-loss-free router biases are updated from the load observed over
+the whole step.
+
+Logs go to ``metrics.jsonl`` in the run directory (always), TensorBoard when it is installed,
+and a progress bar. A NaN or inf loss stops the run with ``NonFiniteLossError`` before the
+optimizer step, so the last checkpoint on disk is the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moekit.checkpoint import load_checkpoint, save_checkpoint
+from moekit.config import ModelConfig
+from moekit.model import Transformer
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class DataSpec:
+    """Which corpus and tokenizer to train on (see ``moekit.data.prepare_data``)."""
+
+    corpus: str = "stdlib"
+    tokenizer: str = "byte"
+    val_path: str | None = None
+    text_field: str = "text"
+    cache_dir: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    router_lr_scale: float = 1.0  # router learning rate = lr * router_lr_scale
+    dtype: str = "bf16"  # autocast dtype: "bf16" or "fp32" (no autocast)
+    device: str = "auto"
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 16
+    log_every: int = 10
+    save_every: int = 0  # 0: save only at the end
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"dtype: expected 'bf16' or 'fp32', got {self.dtype!r}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    train_seconds: float
+    final_val_loss: float | None
+    curve: list[dict[str, float]] = field(default_factory=list)  # validation points
+    tokens_per_s: float = 0.0
+    expert_load: list[list[float]] = field(default_factory=list)  # per MoE layer, fraction per expert
+    imbalance_curve: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine to lr * min_lr_ratio at the last step (Loshchilov & Hutter 2017)."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: Transformer, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, biases and routers; routers get their own learning rate."""
+    decay, no_decay, router = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".router." in name:
+            router.append(p)
+        elif p.ndim < 2 or name.endswith("norm.weight"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": tc.weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        {"params": router, "weight_decay": 0.0, "lr_scale": tc.router_lr_scale},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=False)
+
+
+def autocast_ctx(device: torch.device, tc: TrainConfig):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bf16")
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data, tc: TrainConfig, device: torch.device, max_batches: int | None = None) -> float:
+    """Mean next-token cross-entropy (nats/token) over the validation split, in order."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data.val_batches(tc.batch_size, tc.seq_len, max_batches or tc.eval_batches):
+        x, y = x.to(device), y.to(device)
+        with autocast_ctx(device, tc):
+            out = model(x, y)
+        n = int((y != -100).sum())
+        total += float(out.lm_loss) * n
+        count += n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("validation split: too short for one batch of seq_len tokens")
+    return total / count
+
+
+class _Logger:
+    def __init__(self, run_dir: Path, append: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.fh = open(self.path, "a" if append else "w")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional: needs `tensorboard`
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except (ImportError, ModuleNotFoundError):
+            pass
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: str | Path,
+          tokenizer: Any | None = None, resume: bool = False, progress: bool = True,
+          model: Transformer | None = None) -> TrainResult:
+    """Train ``model_config`` on ``data`` (a ``moekit.data.TokenDataset``) and write ``run_dir``.
+
+    With ``resume=True`` the latest checkpoint of ``run_dir`` is loaded and training continues the
+    same run: same data order, RNG streams, optimizer moments and schedule.
+    """
+    tc = train_config
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(tc.device)
+
+    start_step, tokens, elapsed = 0, 0, 0.0
+    data_gen = torch.Generator().manual_seed(tc.seed)
+    curve: list[dict[str, float]] = []
+    imbalance_curve: list[dict[str, Any]] = []
+    state_tensors = None
+    if resume:
+        model, state, state_tensors = load_checkpoint(run_dir)
+        model_config = model.config
+        start_step, tokens, elapsed = state["step"], state["tokens"], state["train_seconds"]
+        curve, imbalance_curve = state.get("curve", []), state.get("imbalance_curve", [])
+        data_gen.set_state(state_tensors["data_rng"])
+        torch.set_rng_state(state_tensors["torch_rng"])
+    else:
+        torch.manual_seed(tc.seed)
+        if model is None:
+            model = Transformer(model_config)
+    model.to(device).train()
+    if model_config.vocab_size < getattr(data, "vocab_size", 0):
+        raise ValueError(f"vocab_size: model has {model_config.vocab_size} tokens, data needs {data.vocab_size}")
+    opt = make_optimizer(model, tc)
+    if state_tensors is not None:
+        opt.load_state_dict(state_tensors["optimizer"])
+    step_fn = torch.compile(model) if tc.compile else model
+
+    (run_dir / "config.json").write_text(model_config.to_json())
+    (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
+    logger = _Logger(run_dir, append=resume)
+    n_moe = len(model.moe_layers)
+    load_sum = [torch.zeros(m.config.n_experts, device=device) for m in model.moe_layers]
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, step, model, tokenizer,
+                        {"step": step, "tokens": tokens, "train_seconds": elapsed, "curve": curve,
+                         "imbalance_curve": imbalance_curve, "train_config": dataclasses.asdict(tc)},
+                        {"optimizer": opt.state_dict(), "data_rng": data_gen.get_state(),
+                         "torch_rng": torch.get_rng_state()})
+
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not progress, desc=model_config.name or "train",
+               unit="step", dynamic_ncols=True)
+    window_tokens, window_t0 = 0, time.perf_counter()
+    try:
+        for step in range(start_step, tc.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, tc)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            loads = [torch.zeros_like(s) for s in load_sum]
+            sums = torch.zeros(4, device=device)  # loss, lm, aux, z
+            layer_stats = []
+            for _ in range(tc.grad_accum):
+                x, y = data.get_batch("train", tc.batch_size, tc.seq_len, data_gen)
+                x, y = x.to(device), y.to(device)
+                with autocast_ctx(device, tc):
+                    out = step_fn(x, y)
+                (out.loss / tc.grad_accum).backward()
+                sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float() / tc.grad_accum
+                moe_stats = [s for s in out.stats if s is not None]
+                for i, s in enumerate(moe_stats):
+                    loads[i] += s.routed_per_expert
+                layer_stats = moe_stats
+            loss, lm_loss, aux_loss, z_loss = sums.tolist()  # one sync per step
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step}; stopping. The last good checkpoint is kept in "
+                    f"{run_dir / 'checkpoints'} (lower the learning rate or enable grad clipping)")
+            if tc.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            else:
+                grad_norm = float("nan")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if n_moe:
+                model.update_router_biases(loads)
+                for acc, ld in zip(load_sum, loads):
+                    acc += ld
+            tokens += tc.tokens_per_step
+            window_tokens += tc.tokens_per_step
+            elapsed += time.perf_counter() - t0
+            bar.update(1)
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps or done == 1:
+                tok_s = window_tokens / max(1e-9, time.perf_counter() - window_t0)
+                window_tokens, window_t0 = 0, time.perf_counter()
+                rec: dict[str, Any] = {"step": done, "tokens": tokens, "loss": loss, "lm_loss": lm_loss,
+                                       "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr, "grad_norm": grad_norm,
+                                       "tokens_per_s": tok_s, "train_seconds": elapsed}
+                if layer_stats:
+                    rec["load_imbalance"] = [float(s.load_imbalance) for s in layer_stats]
+                    rec["dropped_frac"] = [float(s.dropped_frac) for s in layer_stats]
+                    rec["dead_experts"] = [int(s.dead_experts) for s in layer_stats]
+                    rec["router_entropy"] = [float(s.router_entropy) for s in layer_stats]
+                    imbalance_curve.append({"step": done, "tokens": tokens, "load_imbalance": rec["load_imbalance"]})
+                logger.log(rec)
+                bar.set_postfix(loss=f"{lm_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+                val = evaluate(model, data, tc, device)
+                curve.append({"step": done, "tokens": tokens, "train_seconds": elapsed, "val_loss": val})
+                logger.log({"step": done, "tokens": tokens, "val_loss": val, "train_seconds": elapsed})
+            if (tc.save_every and done % tc.save_every == 0) or done == tc.steps:
+                checkpoint(done)
+    finally:
+        bar.close()
+        logger.close()
+    final_val = curve[-1]["val_loss"] if curve and curve[-1]["step"] == tc.steps else None
+    total = sum(load_sum[0]).item() if load_sum else 0.0
+    expert_load = [(ld / ld.sum().clamp_min(1)).tolist() for ld in load_sum] if total else []
+    return TrainResult(run_dir=run_dir, steps=tc.steps, tokens=tokens, train_seconds=elapsed, final_val_loss=final_val,
+                       curve=curve, tokens_per_s=tokens / max(elapsed, 1e-9), expert_load=expert_load,
+                       imbalance_curve=imbalance_curve)
+
+
+def run_training(model_config: ModelConfig, train_config: TrainConfig, data_spec: DataSpec, run_dir: str | Path,
+                 resume: bool = False, progress: bool = True) -> TrainResult:
+    """``moekit train``: load (and cache) the data of ``data_spec``, then train."""
+    from moekit.data import prepare_data
+
+    data, tokenizer = prepare_data(corpus=data_spec.corpus, tokenizer=data_spec.tokenizer,
+                                   val_path=data_spec.val_path, text_field=data_spec.text_field,
+                                   cache_dir=data_spec.cache_dir, progress=progress)
+    if not resume and tokenizer.vocab_size != model_config.vocab_size:
+        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+    return train(model_config, train_config, data, run_dir, tokenizer=tokenizer, resume=resume, progress=progress)
