@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +140,13 @@ class MoEConfig:
         return self.n_shared_experts * self.expert_ffn_dim
 
     def capacity(self, n_tokens: int) -> int:
-        """Per-expert capacity ceil(cf * T * k / E) (GShard; Switch Transformer eq. 3)."""
+        """Per-expert capacity ceil(cf * T * k / E) (GShard; Switch Transformer eq. 3).
+
+        Exact arithmetic on the decimal cf as written: float rounding would make 1.1 * 50 * 2 / 2 give 56, not 55.
+        """
         assert self.capacity_factor is not None
-        return max(1, math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts))
+        cf = Fraction(str(float(self.capacity_factor)))
+        return max(1, math.ceil(cf * n_tokens * self.top_k / self.n_experts))
 
 
 @dataclass

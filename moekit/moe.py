@@ -51,15 +51,23 @@ class MoE(nn.Module):
         self.dim, self.config = dim, config
         # a router passed in is shared with other layers (Omni-router); it is then also a submodule here
         self.router = router if router is not None else Router(dim, config)
-        self.experts = Experts(config.n_experts, dim, config.expert_ffn_dim, config.activation, config.backend)
-        self.shared = MLP(dim, config.shared_ffn_dim, config.activation) if config.n_shared_experts else None
+        act = dict(swiglu_limit=config.swiglu_limit, swiglu_alpha=config.swiglu_alpha)
+        self.experts = Experts(config.n_experts, dim, config.expert_ffn_dim, config.activation, config.backend,
+                               bias=config.ffn_bias, **act)
+        self.shared = MLP(dim, config.shared_ffn_dim, config.activation, **act) if config.n_shared_experts else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
+        # moekit.parallel.AllToAllDispatcher once shard_model spreads the experts over processes
+        self.dispatcher = None
 
     def forward(self, x: Tensor) -> MoEOutput:
         x_TD = x.reshape(-1, self.dim)
         routing = self.router(x_TD)                                     # route
         plan = plan_dispatch(routing, self.config)                      # dispatch: sort rows by expert
-        y_AD = self.experts(x_TD[plan.token_idx_A], plan)               # experts on contiguous slices
+        x_AD = x_TD[plan.token_idx_A]
+        if self.dispatcher is None:
+            y_AD = self.experts(x_AD, plan)                             # experts on contiguous slices
+        else:
+            y_AD = self.dispatcher(x_AD, plan, self.experts)            # ... on the ranks holding them
         out_TD = combine(y_AD, plan).to(x.dtype)                        # weighted sum back per token
         if self.shared is not None:                                     # always-on shared experts
             shared_TD = self.shared(x_TD)
@@ -71,7 +79,8 @@ class MoE(nn.Module):
 
     def _losses(self, routing: RoutingResult, shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.config
-        lb_loss = switch_aux_loss(routing.probs_TE, routing.topk_idx_TK)
+        balance = switch_aux_loss if self.dispatcher is None else self.dispatcher.switch_aux_loss  # global f_e
+        lb_loss = balance(routing.probs_TE, routing.topk_idx_TK)
         aux_loss = cfg.aux_loss_coef * lb_loss
         if cfg.seq_aux_loss_coef > 0:
             # sequences are the leading dims of a (B, S, D) input; anything else is one sequence

@@ -37,6 +37,9 @@ def require_matplotlib():
     return plt
 
 
+TIE = 0.02  # relative differences under 2% are reported as ties: below this machine's run-to-run noise
+
+
 def _verdicts(models: dict[str, dict[str, Any]]) -> list[str]:
     """One plain sentence per axis: who wins and by how much (dense wins are stated just the same)."""
     if "moe" not in models:
@@ -45,20 +48,27 @@ def _verdicts(models: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
     for other_key in [k for k in models if k != "moe"]:
         other = models[other_key]
+        lines += ["", f"MoE against {LABELS[other_key]}:", ""]
         for key, title, fmt, better in AXES:
             a, b = moe.get(key), other.get(key)
-            if better is None or a is None or b is None or a == b:
+            if better is None or a is None or b is None:
+                continue
+            if key == "final_val_loss":
+                if abs(a - b) < 0.005:
+                    lines.append(f"- **{title}**: a tie ({fmt(a)} vs {fmt(b)}).")
+                    continue
+            elif max(a, b) == 0 or abs(a - b) / max(abs(a), abs(b)) < TIE:
+                lines.append(f"- **{title}**: about equal, within {TIE:.0%} ({fmt(a)} vs {fmt(b)}).")
                 continue
             moe_wins = (a < b) if better == "low" else (a > b)
             win, lose = (a, b) if moe_wins else (b, a)
-            ratio = (lose / win if better == "low" else win / lose) if win and lose else float("nan")
             who = "MoE" if moe_wins else LABELS[other_key]
-            vs = LABELS[other_key] if moe_wins else "MoE"
             if key == "final_val_loss":
-                detail = f"{fmt(win)} vs {fmt(lose)} ({abs(a - b):.4f} nats lower)"
+                detail = f"{fmt(win)} vs {fmt(lose)}, {abs(a - b):.4f} nats lower"
             else:
-                detail = f"{fmt(win)} vs {fmt(lose)} ({ratio:.2f}x {'better' if better else ''})".replace(" )", ")")
-            lines.append(f"- **{title}**: {who} wins over {vs}: {detail}.")
+                ratio = lose / win if better == "low" else win / lose
+                detail = f"{fmt(win)} vs {fmt(lose)}, {ratio:.2f}x"
+            lines.append(f"- **{title}**: {who} wins ({detail}).")
     return lines
 
 
@@ -73,8 +83,9 @@ def write_report(results: dict[str, Any], out: Path, plots: bool = True) -> Path
         f"Data: `{results['data']['corpus']}` ({results['data']['tokenizer']} tokenizer, vocab "
         f"{results['tokenizer_vocab_size']}); {tc['steps']} steps of {tc['batch_size']}x{tc['seq_len']} tokens"
         f" x{tc['grad_accum']} accumulation; lr {tc['lr']}; seed {tc['seed']}; device {results['device']}, "
-        f"{results['threads']} threads, torch {results['torch']}. Every model trained in its own process on the"
-        " same data order.",
+        f"{results['threads']} threads, torch {results['torch']}. "
+        + ("Every model was trained and measured in its own fresh process, on the same data order."
+           if results.get("isolated") else "All models were trained in one process, on the same data order."),
         "",
         "| axis | " + " | ".join(LABELS.get(n, n) for n in names) + " |",
         "|---|" + "---|" * len(names),
@@ -90,7 +101,7 @@ def write_report(results: dict[str, Any], out: Path, plots: bool = True) -> Path
     lines += ["", f"Peak memory is the {peak_kind} of the process that trained and measured the model"
               + (f" (the bare process held {format_bytes(models[names[0]]['baseline_memory_bytes'])} before"
                  " the model was built)." if models[names[0]].get("baseline_memory_bytes") else "."), ""]
-    lines += ["## Who wins what", ""] + _verdicts(models)
+    lines += ["## Who wins what"] + _verdicts(models)
     cross = results.get("crossover")
     need = results.get("moe_tokens_to_dense_active_final_loss")
     dense_tokens = models.get("dense_active", {}).get("tokens_trained")

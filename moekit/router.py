@@ -74,9 +74,11 @@ class Router(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _apply(self, fn, recurse=True):  # keep the balancing bias in fp32 under .to(bf16)
+        eb = self.expert_bias
         super()._apply(fn, recurse)
-        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
-            self.expert_bias = self.expert_bias.float()
+        if eb is not None and self.expert_bias.dtype != torch.float32:
+            # restore the exact fp32 values (a round trip through bf16 would erase small bias updates)
+            self.expert_bias = eb.float().to(self.expert_bias.device)
         return self
 
     def forward(self, x_TD: Tensor) -> RoutingResult:

@@ -94,7 +94,7 @@ class TrainResult:
     train_seconds: float
     final_val_loss: float | None
     curve: list[dict[str, float]] = field(default_factory=list)  # validation points
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # over the whole run's training time
     expert_load: list[list[float]] = field(default_factory=list)  # per MoE layer, fraction per expert
     imbalance_curve: list[dict[str, Any]] = field(default_factory=list)
 
@@ -186,11 +186,12 @@ class _Logger:
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: str | Path,
           tokenizer: Any | None = None, resume: bool = False, progress: bool = True,
-          model: Transformer | None = None) -> TrainResult:
+          model: Transformer | None = None, stop_at: int | None = None) -> TrainResult:
     """Train ``model_config`` on ``data`` (a ``moekit.data.TokenDataset``) and write ``run_dir``.
 
     With ``resume=True`` the latest checkpoint of ``run_dir`` is loaded and training continues the
-    same run: same data order, RNG streams, optimizer moments and schedule.
+    same run: same data order, RNG streams, optimizer moments and schedule. ``stop_at`` ends this
+    invocation early after that step (with a checkpoint), as an interruption would.
     """
     tc = train_config
     run_dir = Path(run_dir)
@@ -209,6 +210,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
         curve, imbalance_curve = state.get("curve", []), state.get("imbalance_curve", [])
         data_gen.set_state(state_tensors["data_rng"])
         torch.set_rng_state(state_tensors["torch_rng"])
+        if state["step"] >= tc.steps:
+            raise ValueError(f"steps: the run in {run_dir} already finished {state['step']} steps; "
+                             f"pass a larger --steps to continue it")
     else:
         torch.manual_seed(tc.seed)
         if model is None:
@@ -226,19 +230,22 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
     logger = _Logger(run_dir, append=resume)
     n_moe = len(model.moe_layers)
     load_sum = [torch.zeros(m.config.n_experts, device=device) for m in model.moe_layers]
+    if state_tensors is not None and "expert_load" in state_tensors:
+        load_sum = [t.to(device) for t in state_tensors["expert_load"]]
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, step, model, tokenizer,
                         {"step": step, "tokens": tokens, "train_seconds": elapsed, "curve": curve,
                          "imbalance_curve": imbalance_curve, "train_config": dataclasses.asdict(tc)},
                         {"optimizer": opt.state_dict(), "data_rng": data_gen.get_state(),
-                         "torch_rng": torch.get_rng_state()})
+                         "torch_rng": torch.get_rng_state(), "expert_load": [t.cpu() for t in load_sum]})
 
+    last = tc.steps if stop_at is None else min(tc.steps, stop_at)
     bar = tqdm(total=tc.steps, initial=start_step, disable=not progress, desc=model_config.name or "train",
                unit="step", dynamic_ncols=True)
     window_tokens, window_t0 = 0, time.perf_counter()
     try:
-        for step in range(start_step, tc.steps):
+        for step in range(start_step, last):
             t0 = time.perf_counter()
             lr = lr_at(step, tc)
             for g in opt.param_groups:
@@ -295,15 +302,14 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
                 val = evaluate(model, data, tc, device)
                 curve.append({"step": done, "tokens": tokens, "train_seconds": elapsed, "val_loss": val})
                 logger.log({"step": done, "tokens": tokens, "val_loss": val, "train_seconds": elapsed})
-            if (tc.save_every and done % tc.save_every == 0) or done == tc.steps:
+            if (tc.save_every and done % tc.save_every == 0) or done == last:
                 checkpoint(done)
     finally:
         bar.close()
         logger.close()
     final_val = curve[-1]["val_loss"] if curve and curve[-1]["step"] == tc.steps else None
-    total = sum(load_sum[0]).item() if load_sum else 0.0
-    expert_load = [(ld / ld.sum().clamp_min(1)).tolist() for ld in load_sum] if total else []
-    return TrainResult(run_dir=run_dir, steps=tc.steps, tokens=tokens, train_seconds=elapsed, final_val_loss=final_val,
+    expert_load = [(ld / ld.sum().clamp_min(1)).tolist() for ld in load_sum]
+    return TrainResult(run_dir=run_dir, steps=last, tokens=tokens, train_seconds=elapsed, final_val_loss=final_val,
                        curve=curve, tokens_per_s=tokens / max(elapsed, 1e-9), expert_load=expert_load,
                        imbalance_curve=imbalance_curve)
 

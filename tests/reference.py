@@ -17,7 +17,7 @@ API (all tensors float64 on the CPU unless stated; ``cfg`` is a ``moekit.MoEConf
     ref_bias_update(bias_E, load_E, rate) -> bias_E           b_e + rate * sign(mean(load) - load_e)
     ref_capacity_of(cfg, n_tokens) -> int                     ceil(cf * T * k / E) (cf read as the decimal written)
     ref_capacity(routing: RefRouting, cfg) -> RefDispatch     drop policies + reroute, see below
-    ref_ffn(x_D, w_in_ID, w_out_DF, activation) -> y_D        one expert / the dense MLP
+    ref_ffn(x_D, w_in_ID, w_out_DF, activation, b_in, b_out, limit, alpha) -> y_D   one expert / dense MLP
     ref_moe(x, state_dict, cfg) -> RefMoEOutput               the full layer (out, aux_loss, z_loss, ...)
     ref_moe_forward(x, state_dict, cfg) -> out                just the layer output, x's shape
     state_dict64(module) -> dict                              a module's state dict as float64 CPU tensors
@@ -194,7 +194,7 @@ def ref_bias_update(bias_E: Tensor, load_E: Tensor, rate: float) -> Tensor:
     """Aux-loss-free balancing: b_e += rate * sign(mean load - load_e) (0 where load_e == mean)."""
     b, load = _f64(bias_E).tolist(), _f64(load_E).tolist()
     mean = sum(load) / len(load)
-    out = [bi + rate * ((mean > li) - (mean < li)) for bi, li in zip(b, load)]
+    out = [bi + rate * ((mean > li) - (mean < li)) for bi, li in zip(b, load, strict=True)]
     return torch.tensor(out, dtype=F64)
 
 
@@ -260,7 +260,7 @@ def ref_capacity(routing: RefRouting, cfg) -> RefDispatch:
                 if not proposal:
                     break
                 prop_w = {a: scores[a // K][e] * scale[a // K] for a, e in proposal.items()}
-                order = sorted(proposal, key=(lambda a: (-prop_w[a], a)) if by_probs else (lambda a: a))
+                order = sorted(proposal, key=lambda a, w=prop_w: (-w[a], a) if by_probs else a)
                 room = [C - load[e] for e in range(E)]
                 for a in order:
                     e = proposal[a]
@@ -268,9 +268,9 @@ def ref_capacity(routing: RefRouting, cfg) -> RefDispatch:
                         room[e] -= 1
                         load[e] += 1
                         expert[a], weight[a], kept[a] = e, prop_w[a], True
-    weight = [w if k else 0.0 for w, k in zip(weight, kept)]
+    weight = [w if k else 0.0 for w, k in zip(weight, kept, strict=True)]
     tpe = [0.0] * E
-    for e, k in zip(expert, kept):
+    for e, k in zip(expert, kept, strict=True):
         tpe[e] += k
     return RefDispatch(
         expert=torch.tensor(expert, dtype=torch.int64).reshape(T, K),
@@ -284,16 +284,29 @@ def ref_capacity(routing: RefRouting, cfg) -> RefDispatch:
 
 
 # ---------------------------------------------------------------------------------------------- layer
-def ref_ffn(x_D: Tensor, w_in_ID: Tensor, w_out_DF: Tensor, activation: str) -> Tensor:
-    """w_out @ act(w_in @ x); SwiGLU: silu(first half) * second half; GELU: exact (erf) gelu."""
+def ref_ffn(x_D: Tensor, w_in_ID: Tensor, w_out_DF: Tensor, activation: str, b_in_I: Tensor | None = None,
+            b_out_D: Tensor | None = None, limit: float = 7.0, alpha: float = 1.702) -> Tensor:
+    """w_out @ act(w_in @ x + b_in) + b_out. Gated activations split w_in's rows as [gate | up]:
+    "swiglu" = silu(gate) * up; "swiglu_clamped" (gpt-oss) = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g)
+    with g = min(gate, limit); "gelu" = exact (erf) gelu."""
     h = _f64(w_in_ID) @ _f64(x_D)
-    if activation == "swiglu":
+    if b_in_I is not None:
+        h = h + _f64(b_in_I)
+    if activation in ("swiglu", "swiglu_clamped"):
         n = h.shape[0] // 2
         gate, up = h[:n], h[n:]
-        a = gate / (1.0 + torch.exp(-gate)) * up
-    else:
+        if activation == "swiglu":
+            a = gate / (1.0 + torch.exp(-gate)) * up
+        else:
+            g = torch.minimum(gate, torch.tensor(limit, dtype=F64))
+            u = torch.clamp(up, -limit, limit)
+            a = (u + 1.0) * g / (1.0 + torch.exp(-alpha * g))
+    elif activation == "gelu":
         a = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
-    return _f64(w_out_DF) @ a
+    else:
+        raise ValueError(f"reference: unknown activation {activation!r}")
+    y = _f64(w_out_DF) @ a
+    return y if b_out_D is None else y + _f64(b_out_D)
 
 
 @dataclass
@@ -308,16 +321,25 @@ class RefMoEOutput:
     dispatch: RefDispatch
 
 
+_KNOWN_KEYS = {"router.weight", "router.bias", "router.expert_bias", "experts.w_in", "experts.w_out", "experts.b_in",
+               "experts.b_out", "shared.w_in", "shared.w_out", "shared.b_in", "shared.b_out", "shared_gate.weight"}
+
+
 def ref_moe(x: Tensor, state_dict: dict[str, Tensor], cfg, jitter_TD: Tensor | None = None,
             noise_TE: Tensor | None = None) -> RefMoEOutput:
     """The MoE layer as a per-token loop over its kept experts (+ the gated shared expert).
 
     ``state_dict``: the layer's state dict (keys ``router.weight``, optional ``router.bias`` and
-    ``router.expert_bias``, ``experts.w_in`` [E, I, D], ``experts.w_out`` [E, D, F], optional ``shared.w_in``,
-    ``shared.w_out``, ``shared_gate.weight``). A (B, S, D) input is B sequences for the sequence loss;
-    any other shape is one sequence.
+    ``router.expert_bias``, ``experts.w_in`` [E, I, D], ``experts.w_out`` [E, D, F], optional ``experts.b_in``
+    [E, I] / ``experts.b_out`` [E, D], ``shared.w_in``, ``shared.w_out``, ``shared.b_in``, ``shared.b_out``,
+    ``shared_gate.weight``; any other key raises). The activation and its swiglu_limit/alpha come from cfg.
+    A (B, S, D) input is B sequences for the sequence loss; any other shape is one sequence.
     """
+    unknown = set(state_dict) - _KNOWN_KEYS
+    if unknown:  # a new layer feature the reference does not model must not be silently ignored
+        raise ValueError(f"reference: unknown MoE state-dict keys {sorted(unknown)}")
     sd = {k: _f64(v) for k, v in state_dict.items()}
+    act = dict(limit=getattr(cfg, "swiglu_limit", 7.0), alpha=getattr(cfg, "swiglu_alpha", 1.702))
     D = sd["router.weight"].shape[1]
     x_TD = _f64(x).reshape(-1, D)
     T = x_TD.shape[0]
@@ -326,13 +348,17 @@ def ref_moe(x: Tensor, state_dict: dict[str, Tensor], cfg, jitter_TD: Tensor | N
     disp = ref_capacity(routing, cfg)
     out = torch.zeros(T, D, dtype=F64)
     w_in, w_out = sd["experts.w_in"], sd["experts.w_out"]
+    b_in, b_out = sd.get("experts.b_in"), sd.get("experts.b_out")
     for t in range(T):
         for k in range(cfg.top_k):
             if disp.kept[t, k]:
                 e = int(disp.expert[t, k])
-                out[t] += disp.weight[t, k] * ref_ffn(x_TD[t], w_in[e], w_out[e], cfg.activation)
+                y = ref_ffn(x_TD[t], w_in[e], w_out[e], cfg.activation, None if b_in is None else b_in[e],
+                            None if b_out is None else b_out[e], **act)
+                out[t] += disp.weight[t, k] * y
         if "shared.w_in" in sd:
-            s = ref_ffn(x_TD[t], sd["shared.w_in"], sd["shared.w_out"], cfg.activation)
+            s = ref_ffn(x_TD[t], sd["shared.w_in"], sd["shared.w_out"], cfg.activation, sd.get("shared.b_in"),
+                        sd.get("shared.b_out"), **act)
             if "shared_gate.weight" in sd:
                 s = s * torch.sigmoid(sd["shared_gate.weight"][0] @ x_TD[t])
             out[t] += s

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import pytest
@@ -170,7 +169,8 @@ def test_derived_fields():
     assert MoEConfig(n_experts=4, expert_ffn_dim=24).shared_ffn_dim == 0
 
 
-@pytest.mark.parametrize("cf,T,k,E", [(1.0, 16, 2, 8), (1.25, 10, 2, 8), (0.5, 7, 1, 4), (2.0, 1, 1, 64), (1e-3, 5, 2, 4)])
-def test_capacity_formula(cf, T, k, E):
-    cfg = MoEConfig(n_experts=E, top_k=k, capacity_factor=cf)
-    assert cfg.capacity(T) == max(1, math.ceil(cf * T * k / E))
+@pytest.mark.parametrize("cf,T,k,E,C", [(1.0, 16, 2, 8, 4), (1.25, 10, 2, 8, 4), (0.5, 7, 1, 4, 1), (2.0, 1, 1, 64, 1),
+                                        (1e-3, 5, 2, 4, 1), (1.5, 9, 2, 4, 7), (1.0, 3, 2, 6, 1)])
+def test_capacity_formula(cf, T, k, E, C):
+    """C = ceil(capacity_factor * T * top_k / n_experts), at least 1 (hand-computed values)."""
+    assert MoEConfig(n_experts=E, top_k=k, capacity_factor=cf).capacity(T) == C

@@ -7,12 +7,20 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.experts import MLP
 from moekit.model import KVCache, ModelOutput, Transformer
 from moekit.moe import MoE, MoEStats
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: the intra-op thread pool only adds wake-up latency on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _cfg(moe: MoEConfig | None = None, **kw) -> ModelConfig:

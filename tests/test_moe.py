@@ -18,6 +18,14 @@ from moekit.moe import MoE, MoEStats
 
 F64 = torch.float64
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: the intra-op thread pool only adds wake-up latency on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 def make_layer(dim: int, seed: int, dtype: torch.dtype = F64, **kw) -> MoE:
     """A layer with weights large enough that routing is decisive (no near-ties) and experts differ."""
