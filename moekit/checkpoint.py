@@ -23,21 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from moekit.config import ModelConfig
+from moekit.checkpoint_io import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    load_pretrained_moekit,
+    save_pretrained,
+)
 from moekit.model import Transformer
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
 LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt; the message names the file."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -52,37 +50,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_model(model: Transformer, directory: str | Path) -> None:
-    """config.json + model.safetensors (tied embeddings stored once) into an existing directory."""
-    directory = Path(directory)
-    model.config.to_json(directory / CONFIG_FILE)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / MODEL_FILE), metadata={"format": "pt", "library": "moekit"})
+    """config.json + model.safetensors in moekit's format (shared tensors stored once)."""
+    save_pretrained(model, directory)
 
 
 def read_model(directory: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
-    """Rebuild a model from config.json + model.safetensors; every tensor must be present and match."""
+    """Rebuild a model from config.json + safetensors; every tensor must be present and match."""
     directory = Path(directory)
-    cfg_path, weights = directory / CONFIG_FILE, directory / MODEL_FILE
-    for p in (cfg_path, weights):
+    for p in (directory / CONFIG_FILE,):
         if not p.is_file():
             raise CheckpointError(f"missing checkpoint file: {p}")
-    cfg = ModelConfig.from_json(cfg_path)
-    try:
-        state = load_file(str(weights), device=str(map_location))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"corrupt checkpoint file: {weights} ({e})") from e
-    model = Transformer(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{weights}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise CheckpointError(f"{weights}: tensor {k} has shape {tuple(v.shape)}, config expects "
-                                  f"{tuple(expected[k].shape)}")
-    model.load_state_dict(state)
-    return model.to(map_location)
+    if not (directory / MODEL_FILE).is_file() and not (directory / INDEX_FILE).is_file():
+        raise CheckpointError(f"missing checkpoint file: {directory / MODEL_FILE}")
+    return load_pretrained_moekit(directory, device=map_location)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, tokenizer: Any | None,

@@ -18,7 +18,8 @@ API (all tensors float64 on the CPU unless stated; ``cfg`` is a ``moekit.MoEConf
     ref_capacity_of(cfg, n_tokens) -> int                     ceil(cf * T * k / E) (cf read as the decimal written)
     ref_capacity(routing: RefRouting, cfg) -> RefDispatch     drop policies + reroute, see below
     ref_ffn(x_D, w_in_ID, w_out_DF, activation, b_in, b_out, limit, alpha) -> y_D   one expert / dense MLP
-    ref_moe(x, state_dict, cfg) -> RefMoEOutput               the full layer (out, aux_loss, z_loss, ...)
+    ref_moe(x, state_dict, cfg, jitter_TD=None, noise_TE=None) -> RefMoEOutput   the full layer (out, losses,
+                                                              routing, dispatch); draws = training noise
     ref_moe_forward(x, state_dict, cfg) -> out                just the layer output, x's shape
     state_dict64(module) -> dict                              a module's state dict as float64 CPU tensors
 

@@ -42,6 +42,7 @@ MOE_CASES = [
     (dict(seq_aux_loss_coef=-1e-4), "seq_aux_loss_coef"),
     (dict(z_loss_coef=-1e-3), "z_loss_coef"),
     (dict(bias_update_rate=-1e-3), "bias_update_rate"),
+    (dict(activation="swiglu_clamped", swiglu_limit=0.0), "swiglu_limit"),
     (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
     (dict(expert_ffn_dim=0), "expert_ffn_dim"),
     (dict(n_shared_experts=-1), "n_shared_experts"),
@@ -73,6 +74,7 @@ MODEL_CASES = [
     (dict(first_dense_layers=-1), "first_dense_layers"),
     (dict(norm_eps=0.0), "norm_eps"),
     (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(init_std=0.0), "init_std"),
 ]
 
 
@@ -116,8 +118,15 @@ def _moe_model_config() -> ModelConfig:
                        tie_embeddings=True, moe=moe, moe_every=2, first_dense_layers=1, name="tiny-moe")
 
 
-@pytest.mark.parametrize("make", [_moe_model_config, lambda: ModelConfig(dim=64, n_heads=8, ffn_dim=160, name="dense")],
-                         ids=["moe", "dense"])
+def _tuple_fields_config() -> ModelConfig:
+    """Tuples and a nested dict must survive JSON (which has only lists and objects)."""
+    return ModelConfig(dim=32, n_heads=4, ffn_dim=64, n_layers=4, moe=MoEConfig(n_experts=4, top_k=1),
+                       dense_layers=(2,), layer_types=["full_attention", "sliding_attention"] * 2, sliding_window=8,
+                       rope_scaling={"rope_type": "linear", "factor": 2.0}, clip_qkv=8.0, qkv_bias=True)
+
+
+@pytest.mark.parametrize("make", [_moe_model_config, lambda: ModelConfig(dim=64, n_heads=8, ffn_dim=160, name="dense"),
+                                  _tuple_fields_config], ids=["moe", "dense", "tuples"])
 def test_json_round_trip(make, tmp_path):
     cfg = make()
     text = cfg.to_json()
@@ -135,7 +144,9 @@ def test_json_round_trip(make, tmp_path):
     else:
         assert isinstance(back.moe, MoEConfig)
         assert back.moe == cfg.moe
-        assert json.loads(text)["moe"]["n_groups"] == 4
+        assert json.loads(text)["moe"]["n_groups"] == cfg.moe.n_groups
+    assert isinstance(back.dense_layers, tuple) and back.dense_layers == cfg.dense_layers
+    assert back.layer_types is None or isinstance(back.layer_types, tuple)
 
 
 def test_from_json_missing_file(tmp_path):

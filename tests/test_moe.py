@@ -59,7 +59,7 @@ OPTIONS = [
     ("shared-gate-sigmoid-width", 8, dict(n_experts=4, top_k=2, expert_ffn_dim=4, n_shared_experts=1,
                                           shared_expert_ffn_dim=20, shared_expert_gate=True, score_func="sigmoid")),
     ("gelu", 8, dict(n_experts=4, top_k=2, expert_ffn_dim=12, activation="gelu")),
-    ("gelu-shared-finegrained", 12, dict(n_experts=8, top_k=3, expert_ffn_dim=3, activation="gelu",
+    ("gelu-shared-finegrained", 12, dict(n_experts=8, top_k=3, expert_ffn_dim=4, activation="gelu",
                                          n_shared_experts=1, shared_expert_ffn_dim=24)),
     ("router-bias-losses", 8, dict(n_experts=4, top_k=2, expert_ffn_dim=12, router_bias=True, z_loss_coef=1e-2,
                                    seq_aux_loss_coef=1e-3, aux_loss_coef=0.1)),
@@ -102,6 +102,32 @@ def test_layer_input_shapes(shape, kw):
 def test_float32_layer_matches_reference():
     layer = make_layer(8, 5, dtype=torch.float32, n_experts=4, top_k=2, expert_ffn_dim=12, n_shared_experts=1)
     _check_against_reference(layer, rand(3, 4, 8, seed=5, dtype=torch.float32), atol=2e-5, rtol=2e-5)
+
+
+def _grads(layer: MoE, x: torch.Tensor, g: torch.Tensor):
+    x = x.detach().clone().requires_grad_()
+    res = layer(x)
+    ((res.out * g).sum() + res.aux_loss + res.z_loss).backward()
+    return x.grad, {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["padded", "grouped"])
+@pytest.mark.parametrize("name,dim,kw", OPTIONS, ids=[o[0] for o in OPTIONS])
+def test_option_mixes_on_every_backend(name, dim, kw, backend):
+    """padded (float64) and grouped (fp32: grouped_mm has no float64) against the reference forward, and every
+    gradient against the float64 loop backend (gradchecked below)."""
+    loop = make_layer(dim, 0, backend="loop", **kw)
+    dtype = F64 if backend == "padded" else torch.float32
+    layer = make_layer(dim, 0, dtype=dtype, backend=backend, **kw)
+    tol = dict(atol=1e-10, rtol=1e-9) if dtype == F64 else dict(atol=2e-5, rtol=2e-5)
+    x, g = rand(2, 5, dim, seed=20), rand(2, 5, dim, seed=21)
+    _check_against_reference(layer, x.to(dtype), **tol)
+    gx64, grads64 = _grads(loop, x, g)
+    gx, grads = _grads(layer, x.to(dtype), g.to(dtype))
+    torch.testing.assert_close(gx.double(), gx64, **tol)
+    assert set(grads) == set(grads64)
+    for n in grads64:
+        torch.testing.assert_close(grads[n].double(), grads64[n], **tol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------- gradcheck

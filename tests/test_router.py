@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from reference import ref_bias_update, ref_routing, state_dict64
+from reference import ref_bias_update, ref_moe, ref_routing, state_dict64
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.model import Transformer
@@ -404,3 +404,66 @@ def test_state_dict64_roundtrip_smoke():
     cfg = MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=8, expert_bias=True, router_bias=True)
     sd = state_dict64(MoE(6, cfg))
     assert sd["router.weight"].dtype == torch.float64 and "router.expert_bias" in sd and "router.bias" in sd
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_expert_bias_keeps_exact_fp32_values_across_dtype_casts(dtype):
+    """Small bias-rule updates (rate 1e-3 on top of 0.5) must survive model.to(dtype): not a bf16 round trip."""
+    cfg = MoEConfig(n_experts=4, top_k=1, expert_bias=True, bias_update_rate=1e-3)
+    r = Router(4, cfg)
+    with torch.no_grad():
+        r.expert_bias.fill_(0.5)
+    r.update_bias(torch.tensor([0.0, 1.0, 1.0, 2.0]))
+    before = r.expert_bias.clone()
+    assert before[0].item() != 0.5
+    r = r.to(dtype)
+    assert r.weight.dtype == dtype
+    assert r.expert_bias.dtype == torch.float32
+    assert torch.equal(r.expert_bias, before)
+    assert torch.equal(r.float().expert_bias, before)
+
+
+def _layer_router_outputs(layer: MoE):
+    seen = []
+    layer.router.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    return seen
+
+
+def test_layer_training_noise_reaches_only_the_router():
+    """In a training-mode MoE layer the jitter multiplies the ROUTER input only (the experts see x) and the
+    logit noise only moves the routing: the layer equals the reference given the same draws."""
+    dim = 1  # logits = u_t * x_t * w_e: the jitter draw u is recoverable
+    cfg = MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=4, input_jitter_eps=0.3, backend="loop")
+    layer = MoE(dim, cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 16, dim, generator=g)
+    seen = _layer_router_outputs(layer)
+    layer.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = layer(x).out
+    u = seen[-1].logits_TE.double() / (x.reshape(-1, 1).double() * layer.router.weight.double().T)
+    u = u[:, :1]
+    assert (u - 1).abs().max() > 0.05  # the jitter did something
+    ref = ref_moe(x, state_dict64(layer), cfg, jitter_TD=u)
+    torch.testing.assert_close(out.double(), ref.out, rtol=1e-4, atol=1e-5)
+    # logit noise, a wider layer
+    cfg = MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=4, logit_noise_std=1.0, backend="loop")
+    layer = MoE(8, cfg)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 16, 8, generator=g)
+    seen = _layer_router_outputs(layer)
+    with torch.no_grad():
+        clean = layer.eval()(x).out
+        torch.manual_seed(1)
+        noisy = layer.train()(x).out
+    noise = (seen[1].logits_TE - seen[0].logits_TE).double()
+    assert not torch.allclose(clean, noisy)
+    torch.testing.assert_close(clean.double(), ref_moe(x, state_dict64(layer), cfg).out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(noisy.double(), ref_moe(x, state_dict64(layer), cfg, noise_TE=noise).out,
+                               rtol=1e-4, atol=1e-5)

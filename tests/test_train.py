@@ -159,3 +159,17 @@ def test_eval_and_generate(data, tmp_path):
     assert isinstance(text, str) and len(text) > 0
     again = "".join(generate_text(tmp_path, "def ", max_new_tokens=20, temperature=0, seed=0))
     assert text == again  # greedy decoding is deterministic
+
+
+def test_shared_router_model_round_trips(tmp_path):
+    from moekit.checkpoint import write_model
+    from moekit.model import Transformer
+
+    model = Transformer(tiny(True, shared_router=True, expert_bias=True))
+    with torch.no_grad():
+        model.moe_layers[0].router.expert_bias += 0.25
+    write_model(model, tmp_path)
+    again = read_model(tmp_path)
+    assert again.moe_layers[0].router is again.moe_layers[1].router  # still one shared module
+    ids = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
