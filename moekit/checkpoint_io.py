@@ -4,7 +4,8 @@ moekit's own checkpoint format is a directory holding
 
     config.json          ModelConfig.to_json()
     model.safetensors    model.state_dict(); a tensor shared by several modules (tied embeddings, a shared
-                         router) is stored once, under its first name
+                         router) is stored once, under its first name. The metadata key "hf_token_ids" keeps
+                         the bos/eos/pad ids of a Hugging Face source for a later export.
     tokenizer files      when the model carries a tokenizer (``model.tokenizer``), see moekit/tokenizer.py
 
 Large checkpoints may be sharded the Hugging Face way: ``model-00001-of-00003.safetensors`` ... plus
@@ -229,20 +230,30 @@ def write_safetensors(tensors: dict[str, Tensor], directory: str | os.PathLike[s
 
 
 # ---------------------------------------------------------------------------------------------- moekit format
-def _alias_names(model: torch.nn.Module) -> dict[str, str]:
-    """{state_dict name: canonical name} for entries that share a tensor with an earlier entry."""
-    first: dict[int, str] = {}
+def _alias_names(model: Any) -> dict[str, str]:
+    """{state_dict name: canonical name} for entries that share a tensor with an earlier entry.
+
+    ``model`` is an ``nn.Module`` (tensors compared by identity, so this works on the meta device too) or
+    any object with ``state_dict()`` (tensors compared by their memory).
+    """
+    if isinstance(model, torch.nn.Module):
+        items = [(name, id(t)) for name, t in model.state_dict(keep_vars=True).items()]
+    else:
+        items = [(name, (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                         tuple(t.stride()))) for name, t in model.state_dict().items()]
+    first: dict[Any, str] = {}
     aliases: dict[str, str] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in first:
-            aliases[name] = first[id(t)]
+    for name, key in items:
+        if key in first:
+            aliases[name] = first[key]
         else:
-            first[id(t)] = name
+            first[key] = name
     return aliases
 
 
-def save_pretrained(model: torch.nn.Module, path: str | os.PathLike[str], max_shard_bytes: int | None = None) -> Path:
-    """Write ``model`` (a ``moekit.model.Transformer``) in moekit's checkpoint format into directory ``path``.
+def save_pretrained(model: Any, path: str | os.PathLike[str], max_shard_bytes: int | None = None) -> Path:
+    """Write ``model`` (a ``moekit.model.Transformer``, or any object with ``config`` and ``state_dict()``)
+    in moekit's checkpoint format into directory ``path``.
 
     Tensors shared by several modules are stored once; the tokenizer attached as ``model.tokenizer``
     (``moekit.from_pretrained`` attaches the checkpoint's) is saved alongside. Returns the directory.
@@ -251,7 +262,11 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike[str], max_sh
     path.mkdir(parents=True, exist_ok=True)
     aliases = _alias_names(model)
     state = {k: v for k, v in model.state_dict().items() if k not in aliases}
-    write_safetensors(state, path, max_shard_bytes, metadata={"library": "moekit"})
+    metadata = {"library": "moekit"}
+    token_ids = getattr(model, "hf_token_ids", None)
+    if token_ids:  # bos/eos/pad ids of a Hugging Face source, for a later export
+        metadata["hf_token_ids"] = json.dumps(token_ids)
+    write_safetensors(state, path, max_shard_bytes, metadata=metadata)
     atomic_write_text(path / CONFIG_FILE, model.config.to_json())
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
@@ -289,7 +304,8 @@ def load_into(model: torch.nn.Module, state: dict[str, Tensor], where: str) -> t
     unexpected = [k for k in state if k not in expected]
     if unexpected:
         raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all)")
-    for k, v in state.items():
+    for k in expected:  # model order: the first mismatch reported is the earliest tensor
+        v = state[k]
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{where}: tensor {k} has shape {list(v.shape)}, the config expects "
                                   f"{list(expected[k].shape)}")
@@ -315,6 +331,9 @@ def load_pretrained_moekit(path: str | os.PathLike[str], dtype: torch.dtype | No
     reader = SafetensorsReader(path)
     state = {k: reader[k] for k in reader}
     model = load_into(build_empty(cfg), state, str(path))
+    token_ids = reader.metadata().get("hf_token_ids")
+    if token_ids:
+        model.hf_token_ids = json.loads(token_ids)
     if dtype is not None:
         model.to(dtype)
     if device is not None:

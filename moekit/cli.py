@@ -5,6 +5,8 @@
     moekit generate  sample from a checkpoint, streaming                                 (moekit.evaluation.generate_text)
     moekit eval      validation loss, perplexity and bits per byte of a checkpoint       (moekit.evaluation.eval_checkpoint)
     moekit costs     parameters, FLOPs and memory of a preset, config or checkpoint      (moekit.costs.costs)
+    moekit convert   Hugging Face <-> moekit checkpoints                                 (moekit.hf.convert)
+    moekit upcycle   a dense checkpoint into an MoE one                                  (moekit.upcycle.upcycle)
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ from typing import Any
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
-def _tune_allocator() -> None:
-    """Re-exec once with the allocator settings (glibc reads them at start-up only)."""
+def _tune_allocator(command: list[str] | None = None) -> None:
+    """Re-exec once with the allocator settings (glibc reads them at start-up only).
+
+    ``command``: the command line to re-run (default: this ``python -m moekit ...``); the benchmarks pass
+    their own script. ``MOEKIT_NO_ALLOCATOR_TUNING=1`` keeps glibc's defaults.
+    """
     if os.environ.get("MOEKIT_NO_ALLOCATOR_TUNING") or all(k in os.environ for k in ALLOCATOR_ENV):
         return
     if sys.platform != "linux" or not sys.argv or not sys.argv[0]:
         return
     env = {**os.environ, **{k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}}
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "moekit", *sys.argv[1:]], env)
+        os.execve(sys.executable, command or [sys.executable, "-m", "moekit", *sys.argv[1:]], env)
     except OSError:
         pass
 
@@ -128,7 +134,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val", help="a separate validation corpus (default: a deterministic split of --corpus)")
     g.add_argument("--tokenizer", default="byte", help="'byte' (default), 'bpe' (trained locally) or a tokenizer.json path")
     g.add_argument("--text-field", dest="text_field", default="text", help="text field of jsonl/parquet records")
-    g.add_argument("--cache-dir", dest="cache_dir", help="token cache (default ~/.cache/moekit/tokens or $MOEKIT_CACHE)")
+    g.add_argument("--cache-dir", dest="cache_dir", help="token cache directory (default $MOEKIT_CACHE/tokens, else ~/.cache/moekit/tokens)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -190,6 +196,37 @@ def cmd_costs(args: argparse.Namespace) -> int:
         cfg = model_config_from_args(args)
     c = costs(cfg, seq_len=args.seq_len)
     print(json.dumps(c.to_dict(), indent=2) if args.json else format_costs(c))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from moekit.hf import convert
+
+    out = convert(args.src, args.dst, to=args.to, arch=args.arch, expert_layout=args.expert_layout,
+                  max_shard_bytes=args.max_shard_bytes)
+    print(f"wrote {out} ({args.to} format)")
+    return 0
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from moekit.config import MoEConfig
+    from moekit.hf import export_hf
+    from moekit.upcycle import upcycle
+
+    moe_kwargs = {"n_experts": args.n_experts, "top_k": args.top_k}
+    for item in args.set or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        moe_kwargs[key] = _parse_value(value)
+    try:
+        moe = MoEConfig(**moe_kwargs)
+    except TypeError as e:
+        raise ValueError(f"--set: {e}") from e
+    model = upcycle(args.src, moe, noise_std=args.noise_std, granularity=args.granularity, moe_every=args.moe_every,
+                    first_dense_layers=args.first_dense_layers, seed=args.seed)
+    out = export_hf(model, args.dst, arch=args.arch) if args.to == "hf" else model.save_pretrained(args.dst)
+    print(f"wrote {out}: {len(model.moe_layers)} MoE layers of {moe.n_experts} experts (top-{moe.top_k})")
     return 0
 
 
@@ -270,6 +307,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
     p.add_argument("--list", action="store_true", help="list the presets")
     p.set_defaults(func=cmd_costs)
+
+    p = sub.add_parser("convert", help="convert checkpoints between the Hugging Face and moekit formats",
+                       description="Convert a checkpoint directory: Hugging Face (mixtral, qwen2_moe, qwen3_moe, "
+                                   "olmoe, deepseek_v2, deepseek_v3, gpt_oss, llama, qwen2, mistral) <-> moekit.")
+    p.add_argument("src", help="source checkpoint directory (either format)")
+    p.add_argument("dst", help="destination directory")
+    p.add_argument("--to", choices=["hf", "moekit"], required=True, help="target format")
+    p.add_argument("--arch", help="Hugging Face architecture to export as (default: the source's, or the first "
+                                  "that holds the model exactly)")
+    p.add_argument("--expert-layout", dest="expert_layout", choices=["per_expert", "fused"], default="per_expert",
+                   help="HF expert tensors: one per expert (hub layout, default) or fused 3-D")
+    p.add_argument("--max-shard-bytes", dest="max_shard_bytes", type=int, default=None,
+                   help="split the safetensors into shards of at most this many bytes (with an index file)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE one (sparse upcycling)",
+                       description="Every expert starts as a copy of the dense FFN (optionally split into "
+                                   "fine-grained slices, optionally with noise); attention and embeddings are "
+                                   "copied; routers are initialised. With identical copies and renormalised "
+                                   "top-k the result computes the same function as the dense model.")
+    p.add_argument("src", help="dense checkpoint directory (moekit, or Hugging Face llama/qwen2/mistral)")
+    p.add_argument("dst", help="destination directory")
+    p.add_argument("--n-experts", dest="n_experts", type=int, default=8, help="routed experts per layer (default 8)")
+    p.add_argument("--top-k", dest="top_k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--granularity", type=int, default=1,
+                   help="split each FFN copy into this many fine-grained experts (default 1)")
+    p.add_argument("--noise-std", dest="noise_std", type=float, default=0.0,
+                   help="relative noise added to each expert copy (default 0: exact copies)")
+    p.add_argument("--moe-every", dest="moe_every", type=int, default=1, help="MoE every N layers (default 1)")
+    p.add_argument("--first-dense-layers", dest="first_dense_layers", type=int, default=0,
+                   help="keep the first K layers dense (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the router init and the noise")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any MoEConfig field, e.g. --set aux_loss_coef=0.001 (repeatable)")
+    p.add_argument("--to", choices=["hf", "moekit"], default="moekit", help="output format (default moekit)")
+    p.add_argument("--arch", help="Hugging Face architecture for --to hf (default: mixtral-compatible)")
+    p.set_defaults(func=cmd_upcycle)
     return parser
 
 

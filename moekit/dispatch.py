@@ -43,6 +43,7 @@ class DispatchPlan:
     capacity: int | None
     n_tokens: int
     top_k: int
+    order_A: Tensor | None = None  # flat assignment t*K + k of each sorted row (the inverse of inverse_A)
 
     @property
     def dropped_frac(self) -> Tensor:
@@ -56,7 +57,7 @@ def plan_dispatch(routing: RoutingResult, cfg: MoEConfig) -> DispatchPlan:
     device = topk_idx_TK.device
     expert_A = topk_idx_TK.reshape(-1)
     weight_A = routing.topk_weight_TK.reshape(-1)
-    routed_E = torch.bincount(expert_A, minlength=E).float()
+    routed_E = count_per_expert(expert_A, E).float()
 
     if cfg.capacity_factor is None:
         order_A = torch.argsort(expert_A, stable=True)
@@ -72,6 +73,14 @@ def plan_dispatch(routing: RoutingResult, cfg: MoEConfig) -> DispatchPlan:
     return _plan(order_A, expert_A, weight_A, keep_A, C, routed_E, T, K, E)
 
 
+def count_per_expert(expert_A: Tensor, E: int, keep_A: Tensor | None = None) -> Tensor:
+    """int64 [E]: assignments per expert (only the kept ones when ``keep_A`` is given). A scatter-add, not
+    ``bincount`` or a boolean mask, so the output shape never depends on the data (torch.compile traces it
+    without a graph break)."""
+    ones_A = torch.ones_like(expert_A) if keep_A is None else keep_A.to(expert_A.dtype)
+    return torch.zeros(E, dtype=expert_A.dtype, device=expert_A.device).scatter_add_(0, expert_A, ones_A)
+
+
 def _priority(weight_A: Tensor, cfg: MoEConfig) -> Tensor:
     """Assignments in the order they claim capacity: token order, or highest router weight first."""
     if cfg.drop_policy == "probs":
@@ -83,7 +92,7 @@ def _within_capacity(expert_A: Tensor, priority_A: Tensor, room_E: Tensor, E: in
     """keep_A: the assignment is among the first room_E[e] of its expert in priority order."""
     order_A = priority_A[torch.argsort(expert_A[priority_A], stable=True)]
     sorted_expert_A = expert_A[order_A]
-    counts_E = torch.bincount(expert_A, minlength=E)
+    counts_E = count_per_expert(expert_A, E)
     start_E = torch.cumsum(counts_E, 0) - counts_E
     pos_sorted_A = torch.arange(expert_A.numel(), device=expert_A.device) - start_E[sorted_expert_A]
     keep_sorted_A = pos_sorted_A < room_E[sorted_expert_A]
@@ -108,7 +117,7 @@ def _reroute(routing: RoutingResult, cfg: MoEConfig, expert_A: Tensor, weight_A:
         dropped_A = ~keep_A
         if not bool(dropped_A.any()):  # host sync: only in reroute mode
             break
-        load_E = torch.bincount(expert_A[keep_A], minlength=E)
+        load_E = count_per_expert(expert_A, E, keep_A)
         full_E = load_E >= C
         used_TE = torch.zeros(T, E, dtype=torch.bool, device=expert_A.device)
         used_TE[t_A, expert_A] = True  # experts a token already holds (kept or dropped)
@@ -142,13 +151,13 @@ def _plan(order_A: Tensor, expert_A: Tensor, weight_A: Tensor, keep_A: Tensor | 
     inverse_A = torch.empty_like(order_A)
     inverse_A[order_A] = torch.arange(A, device=order_A.device)
     sorted_expert_A = expert_A[order_A]
-    rows_E = torch.bincount(expert_A, minlength=E)
+    rows_E = count_per_expert(expert_A, E)
     if keep_A is None:
         kept_E = rows_E.float()
         slot_A = None
     else:
         kept_sorted_A = keep_A[order_A]
-        kept_counts_E = torch.bincount(expert_A[keep_A], minlength=E)
+        kept_counts_E = count_per_expert(expert_A, E, keep_A)
         kept_E = kept_counts_E.float()
         # a kept row's slot is its rank among the kept rows of its expert
         kept_start_E = torch.cumsum(kept_counts_E, 0) - kept_counts_E
@@ -166,4 +175,40 @@ def _plan(order_A: Tensor, expert_A: Tensor, weight_A: Tensor, keep_A: Tensor | 
         capacity=C,
         n_tokens=T,
         top_k=K,
+        order_A=order_A,
     )
+
+
+class _GatherRows(torch.autograd.Function):
+    """x_AD = x_TD[token_idx_A]. Autograd's backward of an index would zero-fill [T, D] and
+    ``index_put_(accumulate=True)`` the A rows (about 10x slower on CPU, benchmarks/moe_layer.py);
+    here each token's K row gradients are gathered back in (t, k) order and summed (no atomics, so
+    also deterministic on GPUs)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, token_idx_A: Tensor, inverse_A: Tensor, K: int) -> Tensor:
+        ctx.save_for_backward(inverse_A)
+        ctx.K = K
+        return x_TD.index_select(0, token_idx_A)
+
+    @staticmethod
+    def backward(ctx, g_AD: Tensor):
+        (inverse_A,) = ctx.saved_tensors
+        K = ctx.K
+        g_TKD = g_AD.index_select(0, inverse_A).view(-1, K, g_AD.shape[-1])
+        return sum_k(g_TKD), None, None, None
+
+
+def sum_k(v_TKD: Tensor) -> Tensor:
+    """v_TKD summed over k as K-1 adds: faster than a strided ``sum(1)`` on the CPU for small K."""
+    out_TD = v_TKD[:, 0].clone() if v_TKD.shape[1] == 1 else v_TKD[:, 0] + v_TKD[:, 1]
+    for k in range(2, v_TKD.shape[1]):
+        out_TD += v_TKD[:, k]
+    return out_TD
+
+
+def gather_rows(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+    """The experts' input: row a of the result is x_TD[plan.token_idx_A[a]]."""
+    if torch.is_grad_enabled() and x_TD.requires_grad:
+        return _GatherRows.apply(x_TD, plan.token_idx_A, plan.inverse_A, plan.top_k)
+    return x_TD.index_select(0, plan.token_idx_A)

@@ -14,13 +14,22 @@ from moekit.train import TrainConfig, evaluate, resolve_device
 
 
 def load_for_inference(path: str | Path) -> tuple[Transformer, Any, Path]:
-    """(model, tokenizer, checkpoint dir) of a run directory or a checkpoint directory."""
-    from moekit.checkpoint import latest_checkpoint, read_model
-    from moekit.tokenizer import load_tokenizer
+    """(model, tokenizer, directory) of a run directory, a training checkpoint, or a moekit or Hugging
+    Face checkpoint directory (with its tokenizer.json)."""
+    from moekit.checkpoint import STATE_JSON, latest_checkpoint
+    from moekit.hf import from_pretrained
 
-    ckpt = latest_checkpoint(path)
-    model = read_model(ckpt)
-    return model, load_tokenizer(ckpt), ckpt
+    p = Path(path)
+    ckpt = latest_checkpoint(p) if (p / "checkpoints").is_dir() or (p / STATE_JSON).is_file() else p
+    if not ckpt.is_dir():
+        from moekit.checkpoint import CheckpointError
+
+        raise CheckpointError(f"no such run or checkpoint directory: {p}")
+    model = from_pretrained(ckpt)
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError(f"{ckpt}: no tokenizer files (tokenizer.json / tokenizer_config.json) to encode text with")
+    return model, tok, ckpt
 
 
 def generate_text(checkpoint: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,

@@ -26,12 +26,17 @@ passes, else ``loop``, and logs the choice. A backend requested explicitly that 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from moekit.dispatch import DispatchPlan
 
@@ -137,33 +142,36 @@ class Experts(nn.Module):
     def forward(self, x_AD: Tensor, plan: DispatchPlan) -> Tensor:
         """Run each expert on its contiguous slice of the sorted rows."""
         dtype = _compute_dtype(x_AD)
-        x_AD = x_AD.to(dtype)
+        x_AD = x_AD.to(dtype).contiguous()
         w_in_EID, w_out_EDF = self.w_in.to(dtype), self.w_out.to(dtype)
         backend = select_backend(self.backend, x_AD.device, dtype, widths=(self.dim, self.ffn_dim))
         if backend == "grouped":
             return self._grouped(x_AD, w_in_EID, w_out_EDF, plan)
         if backend == "padded":
             return self._padded(x_AD, w_in_EID, w_out_EDF, plan)
+        if backend == "compiled":
+            return self._compiled(x_AD, w_in_EID, w_out_EDF, plan)
         return self._loop(x_AD, w_in_EID, w_out_EDF, plan)
 
-    def _loop(self, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, plan: DispatchPlan) -> Tensor:
-        sizes = plan.rows_per_expert_E.tolist()  # one host sync for the slice sizes
-        chunks = x_AD.split(sizes)
+    def _fused(self, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, plan: DispatchPlan, grouped: bool) -> Tensor:
         b_in, b_out = self._biases(x_AD.dtype)
-        outs = [ffn(chunk, w_in_EID[e], w_out_EDF[e], self.activation,
-                    None if b_in is None else b_in[e], None if b_out is None else b_out[e], self.limit, self.alpha)
-                if n else chunk
-                for e, (chunk, n) in enumerate(zip(chunks, sizes))]
-        return torch.cat(outs) if outs else x_AD
+        seg = _Segments(plan.rows_per_expert_E, plan.expert_idx_A, grouped)
+        act = _ActSpec(self.activation, self.limit, self.alpha, self.ffn_dim)
+        return experts_ffn(x_AD, w_in_EID, w_out_EDF, b_in, b_out, seg, act)
+
+    def _loop(self, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, plan: DispatchPlan) -> Tensor:
+        return self._fused(x_AD, w_in_EID, w_out_EDF, plan, grouped=False)
 
     def _grouped(self, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, plan: DispatchPlan) -> Tensor:
-        offs_E = torch.cumsum(plan.rows_per_expert_E, 0).to(torch.int32)
-        h_AI = F.grouped_mm(x_AD, w_in_EID.transpose(1, 2), offs=offs_E)
+        return self._fused(x_AD, w_in_EID, w_out_EDF, plan, grouped=True)
+
+    def _compiled(self, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, plan: DispatchPlan) -> Tensor:
+        """The experts as one custom op (opaque to torch.compile, see "compiled" below)."""
         b_in, b_out = self._biases(x_AD.dtype)
-        if b_in is not None:
-            h_AI = h_AI + b_in[plan.expert_idx_A]
-        y_AD = F.grouped_mm(self._act(h_AI), w_out_EDF.transpose(1, 2), offs=offs_E)
-        return y_AD if b_out is None else y_AD + b_out[plan.expert_idx_A]
+        tensors = (x_AD, w_in_EID, w_out_EDF, b_in, b_out)
+        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return _experts_ffn_op(*tensors, plan.rows_per_expert_E, plan.expert_idx_A, self.activation,
+                               float(self.limit), float(self.alpha), keep)[0]
 
     def _padded(self, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, plan: DispatchPlan) -> Tensor:
         E, D = self.n_experts, self.dim
@@ -186,6 +194,360 @@ class Experts(nn.Module):
             y_ECD = y_ECD + b_out[:, None, :]
         y_XD = torch.cat([y_ECD.reshape(E * C, D), y_ECD.new_zeros(1, D)])
         return y_XD[dest_A]
+
+
+# ---------------------------------------------------------------------------------------------- execution
+#
+# The sorted-rows experts are ONE autograd Function (``_ExpertsFFN``) with the backward written out:
+#   forward   h = x W_in^T  (per expert)      a = act(h)       y = a W_out^T  (per expert)
+#   backward  dA = dy W_out   dW_out = dy^T a   dh = act'(h, dA)   dx = dh W_in   dW_in = dh^T x
+# Against autograd over ``ffn`` this saves, per call: the [A, I] ``cat`` that ``chunk``'s backward
+# builds (dg and du are written into the two halves of one dh buffer), zero-filled gradient buffers
+# (each expert's weight gradient is written once, by its GEMM; only an expert without rows is zeroed),
+# and fresh [A, F] / [A, I] temporaries (dA, dh, and an inference forward's h, a come from
+# ``_SCRATCH``). Two flavours run the same maths:
+#   loop     per expert: its whole FFN (GEMMs and activation) on its contiguous rows. On the CPU the
+#            experts run side by side on ``torch.get_num_threads()`` worker threads with ONE intra-op
+#            thread each (``_EXPERT_THREADS``): no barrier per GEMM, each expert's rows stay in its
+#            core's cache between the GEMMs and the activation. One host read of the row counts.
+#   grouped  stage by stage over all rows, every GEMM a ``grouped_mm`` with device offsets: no host
+#            sync (CUDA graphs, expert parallelism); on CUDA one grouped GEMM kernel per stage.
+
+
+class _Segments:
+    """Where each expert's rows are: ``spans`` (expert, start, rows) on the host for the loop flavour,
+    largest first, experts without rows left out; or device offsets ``offs_E`` for grouped_mm."""
+
+    __slots__ = ("n_experts", "expert_idx_A", "offs_E", "spans")
+
+    def __init__(self, rows_E: Tensor, expert_idx_A: Tensor, grouped: bool):
+        self.n_experts = rows_E.shape[0]
+        self.expert_idx_A = expert_idx_A
+        self.offs_E, self.spans = None, None
+        if grouped:
+            self.offs_E = torch.cumsum(rows_E, 0).to(torch.int32)  # offs[-1] == A: every row is computed
+        else:
+            sizes = rows_E.tolist()  # the one host read of the loop flavour
+            starts = [0, *itertools.accumulate(sizes)]
+            # largest expert first: the threads then finish close together (longest-processing-time order)
+            self.spans = sorted(((e, starts[e], n) for e, n in enumerate(sizes) if n), key=lambda s: -s[2])
+
+    def empty_experts(self) -> list[int]:
+        have = {e for e, _, _ in self.spans}
+        return [e for e in range(self.n_experts) if e not in have]
+
+
+class _ScratchPool(threading.local):
+    """Reused CPU buffers for temporaries that never leave one call: the backward's dA [A, F] and
+    dh [A, I], and an inference forward's h [A, I] and a [A, F]. glibc's default allocator serves blocks
+    this large (> 32 MiB at T=16384) with a fresh mmap and page-faults them on every call (see
+    benchmarks/RESULTS.md, "allocator"). Nothing handed to autograd or returned to the caller lives here,
+    and every element a call reads it has written first (tests/test_perf_paths.py poisons the buffers
+    between calls). Thread-local: two threads never share a buffer."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        if device.type != "cpu":  # the CUDA caching allocator already reuses blocks
+            return torch.empty(shape, dtype=dtype, device=device)
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            self.buffers.pop(name, None)  # free the old block first: peak memory stays one buffer
+            buf = self.buffers[name] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+
+_SCRATCH = _ScratchPool()
+
+
+def release_scratch() -> None:
+    """Free this thread's reused expert buffers (each is kept at the size of the largest call so far)."""
+    _SCRATCH.buffers.clear()
+
+
+class _ExpertThreads:
+    """Runs the per-expert tasks of one call on W = ``torch.get_num_threads()`` worker threads that each
+    use ONE intra-op thread, so W experts run side by side instead of every GEMM being split over the
+    cores. Each GEMM then needs no barrier: on a 2-core machine shared with other processes, a split
+    GEMM waits a whole scheduler time slice whenever one of its two threads is descheduled, and the
+    per-expert GEMMs are small (benchmarks/RESULTS.md, "expert threads"). Calls below ``min_flops``, or
+    with one thread or one active expert, run inline. The caller's grad and inference modes are
+    carried into the workers (both are thread-local in PyTorch)."""
+
+    min_flops = 2e6
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._width = 0
+        self._lock = threading.Lock()
+
+    def map(self, task, spans: list[tuple[int, int, int]], flops: float) -> None:
+        width = torch.get_num_threads()
+        if width < 2 or len(spans) < 2 or flops < self.min_flops:
+            for span in spans:
+                task(*span)
+            return
+        pool = self._workers(width)
+        inference = torch.is_inference_mode_enabled()
+        grad = torch.is_grad_enabled()
+        futures = [pool.submit(_run_in_worker, task, span, grad, inference) for span in spans]
+        for f in futures:
+            f.result()  # waits for all; re-raises a worker's exception here
+
+    def _workers(self, width: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._width != width:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                started = threading.Barrier(width + 1)
+                pool = ThreadPoolExecutor(width, thread_name_prefix="moekit-experts",
+                                          initializer=torch.set_num_threads, initargs=(1,))
+                futures = [pool.submit(started.wait) for _ in range(width)]  # start every worker now
+                started.wait()
+                for f in futures:
+                    f.result()
+                # torch.set_num_threads(1) in the workers also set the default that threads started later
+                # inherit; restore it (the caller's own thread count never changed)
+                torch.set_num_threads(width)
+                self._pool, self._width = pool, width
+            return self._pool
+
+    def reset_after_fork(self) -> None:
+        self._pool, self._width, self._lock = None, 0, threading.Lock()  # a forked child has no workers
+
+
+def _run_in_worker(task, span: tuple[int, int, int], grad: bool, inference: bool) -> None:
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad and not inference):
+        task(*span)
+
+
+_EXPERT_THREADS = _ExpertThreads()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_EXPERT_THREADS.reset_after_fork)
+
+
+class _ActSpec:
+    """The activation of one experts call, computed into given buffers, with its hand-written backward
+    for SwiGLU and GELU (any other activation: autograd on the elementwise part only)."""
+
+    __slots__ = ("name", "limit", "alpha", "F")
+
+    def __init__(self, name: str, limit: float, alpha: float, ffn_dim: int):
+        self.name, self.limit, self.alpha, self.F = name, limit, alpha, ffn_dim
+
+    def forward_into(self, h_AI: Tensor, a_AF: Tensor, s_AF: Tensor | None) -> None:
+        """a = act(h); for SwiGLU also s = silu(gate) when the backward will need it."""
+        Fw = self.F
+        if self.name == "swiglu":  # the ops of ``activate``: a one-expert MoE is the dense MLP
+            if s_AF is None:
+                torch.ops.aten.silu.out(h_AI[:, :Fw], out=a_AF)
+                a_AF.mul_(h_AI[:, Fw:])
+            else:
+                torch.ops.aten.silu.out(h_AI[:, :Fw], out=s_AF)
+                torch.mul(s_AF, h_AI[:, Fw:], out=a_AF)
+        elif self.name == "gelu":
+            torch.ops.aten.gelu.out(h_AI, out=a_AF)
+        else:
+            a_AF.copy_(activate(h_AI, self.name, self.limit, self.alpha))
+
+    def backward_into(self, dA_AF: Tensor, h_AI: Tensor, s_AF: Tensor | None, dh_AI: Tensor) -> None:
+        """dh from dA = dL/da. dA is scratch and gets overwritten."""
+        Fw = self.F
+        if self.name == "swiglu":
+            torch.mul(dA_AF, s_AF, out=dh_AI[:, Fw:])                   # du = dA * silu(g)
+            dA_AF.mul_(h_AI[:, Fw:])                                    # dA * u ...
+            torch.ops.aten.silu_backward.grad_input(dA_AF, h_AI[:, :Fw], grad_input=dh_AI[:, :Fw])  # ... silu'(g)
+        elif self.name == "gelu":
+            torch.ops.aten.gelu_backward.grad_input(dA_AF, h_AI, grad_input=dh_AI)
+        else:
+            with torch.enable_grad():
+                hh_AI = h_AI.detach().requires_grad_(True)
+                (dh,) = torch.autograd.grad(activate(hh_AI, self.name, self.limit, self.alpha), hh_AI, dA_AF)
+            dh_AI.copy_(dh)
+
+
+def _flops(A: int, w_in_EID: Tensor, w_out_EDF: Tensor) -> float:
+    return 2.0 * A * (w_in_EID.shape[1] * w_in_EID.shape[2] + w_out_EDF.shape[1] * w_out_EDF.shape[2])
+
+
+def _experts_forward(x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI: Tensor | None,
+                     b_out_ED: Tensor | None, seg: _Segments, act: _ActSpec, keep: bool):
+    """y = W_out act(W_in x + b_in) + b_out per expert. ``keep``: h, a (and s) are saved for a backward,
+    so they are fresh tensors; otherwise they are scratch."""
+    A, I, Fw = x_AD.shape[0], w_in_EID.shape[1], w_out_EDF.shape[2]
+    dev, dt = x_AD.device, x_AD.dtype
+    a_AF = x_AD.new_empty(A, Fw) if keep else _SCRATCH.get("a", (A, Fw), dt, dev)
+    s_AF = x_AD.new_empty(A, Fw) if keep and act.name == "swiglu" else None
+    if seg.spans is None:  # grouped
+        h_AI = F.grouped_mm(x_AD, w_in_EID.transpose(1, 2), offs=seg.offs_E)
+        if b_in_EI is not None:
+            h_AI += b_in_EI.index_select(0, seg.expert_idx_A)
+        act.forward_into(h_AI, a_AF, s_AF)
+        y_AD = F.grouped_mm(a_AF, w_out_EDF.transpose(1, 2), offs=seg.offs_E)
+        if b_out_ED is not None:
+            y_AD += b_out_ED.index_select(0, seg.expert_idx_A)
+        return y_AD, h_AI, a_AF, s_AF
+
+    h_AI = x_AD.new_empty(A, I) if keep else _SCRATCH.get("h", (A, I), dt, dev)
+    y_AD = x_AD.new_empty(A, w_out_EDF.shape[1])
+
+    def expert(e: int, start: int, n: int) -> None:
+        rows = slice(start, start + n)
+        h = torch.mm(x_AD[rows], w_in_EID[e].t(), out=h_AI[rows])
+        if b_in_EI is not None:
+            h += b_in_EI[e]
+        act.forward_into(h, a_AF[rows], None if s_AF is None else s_AF[rows])
+        y = torch.mm(a_AF[rows], w_out_EDF[e].t(), out=y_AD[rows])
+        if b_out_ED is not None:
+            y += b_out_ED[e]
+
+    _EXPERT_THREADS.map(expert, seg.spans, _flops(A, w_in_EID, w_out_EDF))
+    return y_AD, h_AI, a_AF, s_AF
+
+
+def _experts_backward(dy_AD: Tensor, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, h_AI: Tensor, a_AF: Tensor,
+                      s_AF: Tensor | None, seg: _Segments, act: _ActSpec, needs: tuple[bool, ...]):
+    """Gradients (x, w_in, w_out, b_in, b_out); ``needs`` says which are wanted."""
+    A, Fw = a_AF.shape
+    dev, dt = dy_AD.device, dy_AD.dtype
+    dh_AI = _SCRATCH.get("dh", tuple(h_AI.shape), dt, dev)
+    if seg.spans is None:  # grouped
+        dA_AF = F.grouped_mm(dy_AD, w_out_EDF, offs=seg.offs_E)
+        dw_out = F.grouped_mm(dy_AD.t(), a_AF, offs=seg.offs_E) if needs[2] else None  # zeros for empty experts
+        act.backward_into(dA_AF, h_AI, s_AF, dh_AI)
+        dx = F.grouped_mm(dh_AI, w_in_EID, offs=seg.offs_E) if needs[0] else None
+        dw_in = F.grouped_mm(dh_AI.t(), x_AD, offs=seg.offs_E) if needs[1] else None
+        E = seg.n_experts
+        db_in = dh_AI.new_zeros(E, dh_AI.shape[1]).index_add_(0, seg.expert_idx_A, dh_AI) if needs[3] else None
+        db_out = dy_AD.new_zeros(E, dy_AD.shape[1]).index_add_(0, seg.expert_idx_A, dy_AD) if needs[4] else None
+        return dx, dw_in, dw_out, db_in, db_out
+
+    dA_AF = _SCRATCH.get("dA", (A, Fw), dt, dev)
+    dx = x_AD.new_empty(x_AD.shape) if needs[0] else None
+    dw_in = w_in_EID.new_empty(w_in_EID.shape) if needs[1] else None
+    dw_out = w_out_EDF.new_empty(w_out_EDF.shape) if needs[2] else None
+    db_in = dh_AI.new_empty(seg.n_experts, dh_AI.shape[1]) if needs[3] else None
+    db_out = dy_AD.new_empty(seg.n_experts, dy_AD.shape[1]) if needs[4] else None
+    for e in seg.empty_experts():  # an expert that received no row: exact zero gradients
+        for g in (dw_in, dw_out, db_in, db_out):
+            if g is not None:
+                g[e].zero_()
+
+    def expert(e: int, start: int, n: int) -> None:
+        rows = slice(start, start + n)
+        dy = dy_AD[rows]
+        dA = torch.mm(dy, w_out_EDF[e], out=dA_AF[rows])
+        if dw_out is not None:
+            torch.mm(dy.t(), a_AF[rows], out=dw_out[e])
+        dh = dh_AI[rows]
+        act.backward_into(dA, h_AI[rows], None if s_AF is None else s_AF[rows], dh)
+        if dx is not None:
+            torch.mm(dh, w_in_EID[e], out=dx[rows])
+        if dw_in is not None:
+            torch.mm(dh.t(), x_AD[rows], out=dw_in[e])
+        if db_in is not None:
+            torch.sum(dh, 0, out=db_in[e])
+        if db_out is not None:
+            torch.sum(dy, 0, out=db_out[e])
+
+    _EXPERT_THREADS.map(expert, seg.spans, 2 * _flops(A, w_in_EID, w_out_EDF))
+    return dx, dw_in, dw_out, db_in, db_out
+
+
+class _ExpertsFFN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_AD, w_in_EID, w_out_EDF, b_in_EI, b_out_ED, seg, act):
+        y_AD, h_AI, a_AF, s_AF = _experts_forward(x_AD, w_in_EID, w_out_EDF, b_in_EI, b_out_ED, seg, act, keep=True)
+        ctx.seg, ctx.act = seg, act
+        ctx.save_for_backward(x_AD, w_in_EID, w_out_EDF, h_AI, a_AF, s_AF)
+        return y_AD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_AD):
+        x_AD, w_in_EID, w_out_EDF, h_AI, a_AF, s_AF = ctx.saved_tensors
+        grads = _experts_backward(dy_AD.contiguous(), x_AD, w_in_EID, w_out_EDF, h_AI, a_AF, s_AF, ctx.seg, ctx.act,
+                                  ctx.needs_input_grad[:5])
+        return (*grads, None, None)
+
+
+def experts_ffn(x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI: Tensor | None, b_out_ED: Tensor | None,
+                seg: _Segments, act: _ActSpec) -> Tensor:
+    """y_AD: every expert's FFN on its rows (``_ExpertsFFN``; without autograd, straight to the forward)."""
+    tensors = (x_AD, w_in_EID, w_out_EDF, b_in_EI, b_out_ED)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _ExpertsFFN.apply(*tensors, seg, act)
+    return _experts_forward(*tensors, seg, act, keep=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------- compiled
+# backend="compiled": the MoE layer's forward goes through torch.compile (``moekit.moe``). The experts are
+# one opaque custom op there, ``moekit::experts_ffn`` (the loop flavour above on the CPU, grouped on other
+# devices), so the compiled graph never sees the per-expert row counts: its shapes depend on T only and it
+# does not recompile when the routing changes. Inductor fuses the router, dispatch and combine around it.
+
+
+def _op_segments(rows_E: Tensor, expert_idx_A: Tensor) -> _Segments:
+    return _Segments(rows_E, expert_idx_A, grouped=rows_E.device.type != "cpu")
+
+
+@torch.library.custom_op("moekit::experts_ffn", mutates_args=(), schema=(
+    "(Tensor x, Tensor w_in, Tensor w_out, Tensor? b_in, Tensor? b_out, Tensor rows_E, Tensor expert_idx, "
+    "str activation, float limit, float alpha, bool keep) -> (Tensor, Tensor, Tensor, Tensor)"))
+def _experts_ffn_op(x, w_in, w_out, b_in, b_out, rows_E, expert_idx, activation, limit, alpha, keep):
+    act = _ActSpec(activation, limit, alpha, w_out.shape[2])
+    y, h, a, s = _experts_forward(x, w_in, w_out, b_in, b_out, _op_segments(rows_E, expert_idx), act, keep)
+    if not keep:  # h and a are scratch: never hand them out
+        return y, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    return y, h, a, x.new_empty(0) if s is None else s
+
+
+@_experts_ffn_op.register_fake
+def _(x, w_in, w_out, b_in, b_out, rows_E, expert_idx, activation, limit, alpha, keep):
+    A, Fw = x.shape[0], w_out.shape[2]
+    if not keep:
+        return x.new_empty(A, w_out.shape[1]), x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    s = x.new_empty(A, Fw) if activation == "swiglu" else x.new_empty(0)
+    return x.new_empty(A, w_out.shape[1]), x.new_empty(A, w_in.shape[1]), x.new_empty(A, Fw), s
+
+
+@torch.library.custom_op("moekit::experts_ffn_backward", mutates_args=(), schema=(
+    "(Tensor dy, Tensor x, Tensor w_in, Tensor w_out, Tensor h, Tensor a, Tensor s, Tensor rows_E, "
+    "Tensor expert_idx, str activation, float limit, float alpha, bool[] needs) -> Tensor[]"))
+def _experts_ffn_backward_op(dy, x, w_in, w_out, h, a, s, rows_E, expert_idx, activation, limit, alpha, needs):
+    act = _ActSpec(activation, limit, alpha, w_out.shape[2])
+    grads = _experts_backward(dy.contiguous(), x, w_in, w_out, h, a, s if s.numel() else None,
+                              _op_segments(rows_E, expert_idx), act, tuple(needs))
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@_experts_ffn_backward_op.register_fake
+def _(dy, x, w_in, w_out, h, a, s, rows_E, expert_idx, activation, limit, alpha, needs):
+    E = w_in.shape[0]
+    shapes = [x.shape, w_in.shape, w_out.shape, (E, h.shape[1]), (E, dy.shape[1])]
+    return [x.new_empty(shape) if need else x.new_empty(0) for shape, need in zip(shapes, needs)]
+
+
+def _experts_ffn_setup(ctx, inputs, output):
+    x, w_in, w_out, b_in, b_out, rows_E, expert_idx, activation, limit, alpha, keep = inputs
+    _, h, a, s = output
+    ctx.save_for_backward(x, w_in, w_out, h, a, s, rows_E, expert_idx)
+    ctx.act = (activation, limit, alpha)
+    ctx.has_b = (b_in is not None, b_out is not None)
+
+
+def _experts_ffn_grad(ctx, dy, *_unused):
+    x, w_in, w_out, h, a, s, rows_E, expert_idx = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]] + [ctx.has_b[0] and bool(ctx.needs_input_grad[3]),
+                                                          ctx.has_b[1] and bool(ctx.needs_input_grad[4])]
+    grads = _experts_ffn_backward_op(dy, x, w_in, w_out, h, a, s, rows_E, expert_idx, *ctx.act, needs)
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    return (*grads, None, None, None, None, None, None)
+
+
+_experts_ffn_op.register_autograd(_experts_ffn_grad, setup_context=_experts_ffn_setup)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -242,7 +604,7 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
     else:
         chosen = requested
     key = (requested, device.type, dtype, chosen)
-    if key not in _LOGGED:
+    if not torch.compiler.is_compiling() and key not in _LOGGED:  # (logging would break a compiled graph)
         _LOGGED.add(key)
         log.info("moekit experts backend: %s (requested %s, %s, %s)", chosen, requested, device.type, dtype)
     return chosen

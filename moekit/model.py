@@ -364,7 +364,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(("attn.wq.bias", "attn.wk.bias", "attn.wv.bias", "attn.wo.bias", "b_in", "b_out")):
+            elif name.endswith((".bias", "b_in", "b_out")):  # every bias (router bias included) starts at 0
                 p.zero_()
             elif name.endswith(("wo.weight", "w_out")):
                 nn.init.normal_(p, std=out_std)

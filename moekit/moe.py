@@ -10,13 +10,14 @@ Usable on its own as a drop-in FFN:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.dispatch import DispatchPlan, plan_dispatch
+from moekit.dispatch import DispatchPlan, gather_rows, plan_dispatch
 from moekit.experts import MLP, Experts
 from moekit.losses import router_z_loss, seq_aux_loss, switch_aux_loss
 from moekit.router import Router, RoutingResult
@@ -60,10 +61,12 @@ class MoE(nn.Module):
         self.dispatcher = None
 
     def forward(self, x: Tensor) -> MoEOutput:
+        if self.experts.backend == "compiled" and not torch.compiler.is_compiling():
+            return _compiled_forward()(self, x)
         x_TD = x.reshape(-1, self.dim)
         routing = self.router(x_TD)                                     # route
         plan = plan_dispatch(routing, self.config)                      # dispatch: sort rows by expert
-        x_AD = x_TD[plan.token_idx_A]
+        x_AD = gather_rows(x_TD, plan)
         if self.dispatcher is None:
             y_AD = self.experts(x_AD, plan)                             # experts on contiguous slices
         else:
@@ -92,12 +95,65 @@ class MoE(nn.Module):
         return aux_loss, z_loss, lb_loss.detach()
 
 
+@functools.cache
+def _compiled_forward():
+    """backend="compiled": ``MoE.forward`` through torch.compile, one compiled function for every layer (the
+    parameters are graph inputs). The experts are an opaque custom op there (``moekit.experts``), so the
+    graph depends on the token count only, never on the per-expert row counts: it compiles once for the
+    first T and once more, with a dynamic T, if T changes; routing changes never recompile."""
+    return torch.compile(MoE.forward)
+
+
 def combine(y_AD: Tensor, plan: DispatchPlan) -> Tensor:
     """Put rows back in (token, k) order and take the weighted sum over k: out_t = sum_k w_tk y_tk."""
-    T, K = plan.n_tokens, plan.top_k
-    y_TKD = y_AD[plan.inverse_A].view(T, K, -1)
-    w_TK = plan.weight_A[plan.inverse_A].view(T, K)
-    return torch.bmm(w_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)
+    if torch.is_grad_enabled() and (y_AD.requires_grad or plan.weight_A.requires_grad):
+        return _Combine.apply(y_AD, plan.weight_A, plan.inverse_A, plan.order_A, plan.n_tokens, plan.top_k)
+    return _weighted_sum(*_to_token_order(y_AD, plan.weight_A, plan.inverse_A, plan.n_tokens, plan.top_k))
+
+
+def _to_token_order(y_AD: Tensor, weight_A: Tensor, inverse_A: Tensor, T: int, K: int) -> tuple[Tensor, Tensor]:
+    return y_AD.index_select(0, inverse_A).view(T, K, -1), weight_A.index_select(0, inverse_A).view(T, K)
+
+
+def _weighted_sum(y_TKD: Tensor, w_TK: Tensor) -> Tensor:
+    """sum_k w_tk y_tk as K multiply-adds in y's dtype (a [T, 1, K] x [T, K, D] bmm costs more on the CPU)."""
+    w_TK = w_TK.to(y_TKD.dtype)
+    out_TD = y_TKD[:, 0] * w_TK[:, :1]
+    for k in range(1, y_TKD.shape[1]):
+        out_TD.addcmul_(y_TKD[:, k], w_TK[:, k:k + 1])
+    return out_TD
+
+
+class _Combine(torch.autograd.Function):
+    """``combine`` with a backward that puts the row gradients back in sorted order by a gather with
+    ``order_A`` (the inverse permutation) instead of autograd's zero-filled ``index_put_``."""
+
+    @staticmethod
+    def forward(ctx, y_AD, weight_A, inverse_A, order_A, T, K):
+        y_TKD, w_TK = _to_token_order(y_AD, weight_A, inverse_A, T, K)
+        ctx.save_for_backward(y_TKD, w_TK, inverse_A, order_A)
+        return _weighted_sum(y_TKD, w_TK)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_TKD, w_TK, inverse_A, order_A = ctx.saved_tensors
+        T, K, D = y_TKD.shape
+        dy_AD = dw_A = None
+        if ctx.needs_input_grad[0]:
+            dy_TKD = g_TD.unsqueeze(1) * w_TK.to(g_TD.dtype).unsqueeze(2)
+            dy_AD = _to_sorted_order(dy_TKD.view(T * K, D), inverse_A, order_A)
+        if ctx.needs_input_grad[1]:
+            # products and sum in y's dtype (the sum accumulates in fp32); an fp32 upcast of [T, K, D] costs more
+            dw_TK = (y_TKD * g_TD.unsqueeze(1).to(y_TKD.dtype)).sum(-1).to(w_TK.dtype)
+            dw_A = _to_sorted_order(dw_TK.view(T * K), inverse_A, order_A)
+        return dy_AD, dw_A, None, None, None, None
+
+
+def _to_sorted_order(v_A: Tensor, inverse_A: Tensor, order_A: Tensor | None) -> Tensor:
+    """v in (t, k) order -> sorted-row order: v_sorted[inverse_A[a]] = v[a]."""
+    if order_A is not None:
+        return v_A.index_select(0, order_A)
+    return torch.empty_like(v_A).index_copy_(0, inverse_A, v_A)
 
 
 @torch.no_grad()

@@ -41,8 +41,9 @@ Checkpoints are layout-independent and in the single-process format (``moekit.ch
 ``save_model`` gathers the stacked expert tensors on rank 0, ``load_model`` reads the full model and
 slices it. ``full_optimizer_state`` / ``shard_optimizer_state`` do the same for AdamW moments.
 
-Processes: ``launch(fn, nproc)`` starts nproc local processes with torchrun's environment (127.0.0.1,
-a free port) and fails fast, never hanging: a failed rank stops all, and a deadline kills everything.
+Processes: ``launch(fn, nproc)`` starts nproc local processes with torchrun's environment (127.0.0.1, the
+launcher hosts the rendezvous store) and fails fast, never hanging: a failed rank stops all, and a
+deadline kills everything.
 ``setup_parallel`` reads that environment (or torchrun's), so the same code runs under ``torchrun``
 with NCCL on GPUs.
 """
@@ -52,11 +53,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import socket
+import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -65,11 +67,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moekit.dispatch import DispatchPlan
 from moekit.experts import Experts
-from moekit.losses import expert_counts
+from moekit.losses import expert_counts, switch_aux_loss
 from moekit.moe import MoE, MoEStats
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
@@ -162,9 +165,10 @@ class ParallelContext:
     @torch.no_grad()
     def all_reduce_mean(self, t: Tensor) -> Tensor:
         """Mean over all W ranks (for logging losses: each rank's loss is a mean over its tokens)."""
+        t = t.detach().float()
         if self.world_size == 1:
             return t
-        t = t.detach().float().clone()
+        t = t.clone()
         dist.all_reduce(t, group=self.world_group)
         return t / self.world_size
 
@@ -216,9 +220,10 @@ class ParallelContext:
         ``ep/tokens_recv``   rows each ep rank's experts processed (list over ep ranks, mean over dp groups)
         ``ep/recv_imbalance`` max / mean of that list (1 = balanced across ranks)
         ``ep/a2a_bytes``     bytes the ep group moved between ranks (forward + backward, sum over its ranks)
-        ``ep/a2a_seconds``   time in all-to-all calls, mean over ranks (host clock: exact on CPU/gloo, launch
-                             time plus the dropless split sync on CUDA)
-        A collective: every rank must call it.
+        ``ep/a2a_seconds``   time in the dispatcher's collectives, mean over ranks (host clock: on CPU/gloo
+                             it includes waiting for the slowest peer; on CUDA it is launch time plus the
+                             dropless split sync)
+        Evaluation forwards count too. A collective: every rank must call it.
         """
         module, _ = _unwrap(model)
         ds = [m.dispatcher for m in _moe_layers(module) if m.dispatcher is not None]
@@ -266,9 +271,10 @@ def setup_parallel(ep: int = 1, dp: int | None = None, *, backend: str | None = 
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     world, rank = dist.get_world_size(), dist.get_rank()
-    dp = dp if dp is not None else world // ep
-    if ep * dp != world:
-        raise ValueError(f"ep, dp: ep={ep} x dp={dp} must equal the number of processes ({world})")
+    if world % ep or (dp is not None and ep * dp != world):
+        raise ValueError(f"ep, dp: ep={ep} x dp={dp if dp is not None else 'world/ep'} must equal the number of "
+                         f"processes ({world})")
+    dp = world // ep
     # Every group gets the timeout explicitly: new_group's default is 30 min, not the default group's.
     ep_groups = [dist.new_group([d * ep + e for e in range(ep)], timeout=timeout) for d in range(dp)]
     dp_groups = [dist.new_group([d * ep + e for d in range(dp)], timeout=timeout) for e in range(ep)]
@@ -278,8 +284,6 @@ def setup_parallel(ep: int = 1, dp: int | None = None, *, backend: str | None = 
     else:
         cpu_ep = [dist.new_group([d * ep + e for e in range(ep)], timeout=timeout, backend="gloo") for d in range(dp)]
         cpu_ep_group = cpu_ep[rank // ep]
-    from torch.distributed.device_mesh import DeviceMesh
-
     mesh = DeviceMesh.from_group([dp_groups[rank % ep], ep_groups[rank // ep]], device.type,
                                  mesh=torch.arange(world).view(dp, ep), mesh_dim_names=("dp", "ep"))
     return ParallelContext(ep=ep, dp=dp, rank=rank, device=device, mesh=mesh, ep_group=ep_groups[rank // ep],
@@ -324,19 +328,31 @@ def shard_model(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     return model
 
 
-@torch.no_grad()
+@contextmanager
+def unsharded(model: nn.Module, ctx: ParallelContext):
+    """Inside, every sharded ``Experts`` holds its full stacked tensors (gathered over the ep group: a
+    collective, every rank enters), so the model IS the single-process model for any code that saves
+    it (``moekit.checkpoint.save_checkpoint``); the shards are put back on exit. Do not train inside."""
+    module, _ = _unwrap(model)
+    saved = []
+    with torch.no_grad():
+        for _, experts in _sharded_experts(module):
+            for name, p in list(experts.named_parameters(recurse=False)):
+                parts = [torch.empty_like(p) for _ in range(ctx.ep)]
+                dist.all_gather(parts, p.detach().contiguous(), group=ctx.ep_group)
+                saved.append((experts, name, p))
+                setattr(experts, name, nn.Parameter(torch.cat(parts), requires_grad=p.requires_grad))
+    try:
+        yield module
+    finally:
+        for experts, name, p in saved:
+            setattr(experts, name, p)
+
+
 def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, Tensor]:
     """The single-process ``state_dict`` (full stacked experts) of a sharded model; a collective."""
-    module, _ = _unwrap(model)
-    state = module.state_dict()
-    if ctx.ep == 1:
-        return state
-    for prefix, experts in _sharded_experts(module):
-        for name, p in experts.named_parameters(recurse=False):
-            parts = [torch.empty_like(p) for _ in range(ctx.ep)]
-            dist.all_gather(parts, p.detach().contiguous(), group=ctx.ep_group)
-            state[f"{prefix}{name}"] = torch.cat(parts)
-    return state
+    with unsharded(model, ctx) as module:
+        return dict(module.state_dict())
 
 
 @torch.no_grad()
@@ -352,17 +368,15 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Tensor], ctx: Parall
 
 
 def save_model(model: nn.Module, directory: str | Path, ctx: ParallelContext) -> None:
-    """Write config.json + model.safetensors exactly as a single-process model would (rank 0 writes);
-    every rank must call it."""
+    """Write the model with ``moekit.checkpoint.write_model`` exactly as one process would (rank 0
+    writes the temporarily unsharded module); every rank must call it."""
     from moekit.checkpoint import write_model
 
-    module, _ = _unwrap(model)
-    state = full_state_dict(module, ctx)
-    if ctx.is_main:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        write_model(_FullView(module.config, state), directory)
+    with unsharded(model, ctx) as module:
+        if ctx.is_main:
+            write_model(module, directory)
     if ctx.world_size > 1:
-        dist.barrier(group=ctx.world_group)
+        dist.barrier(group=ctx.world_group)  # the files exist when any rank returns
 
 
 def load_model(directory: str | Path, ctx: ParallelContext) -> nn.Module:
@@ -379,6 +393,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx
     sd = optimizer.state_dict()
     if ctx.ep == 1:
         return sd
+    sd["state"] = {idx: dict(st) for idx, st in sd["state"].items()}  # state_dict() shares the live dicts
     for idx, p, _experts in _sharded_param_indices(model, optimizer):
         for k, v in sd["state"].get(idx, {}).items():
             if torch.is_tensor(v) and v.shape == p.shape:  # per-element moments (not AdamW's scalar step)
@@ -392,10 +407,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx
 def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict,
                           ctx: ParallelContext) -> None:
     """Load a single-process optimizer state (``full_optimizer_state``'s format) into this rank's optimizer."""
-    import copy
-
-    sd = copy.copy(full)
-    sd["state"] = {k: dict(v) for k, v in full["state"].items()}
+    sd = {**full, "state": {idx: dict(st) for idx, st in full["state"].items()}}
     for idx, p, experts in _sharded_param_indices(model, optimizer):
         lo, hi = experts.expert_offset, experts.expert_offset + experts.n_experts
         for k, v in sd["state"].get(idx, {}).items():
@@ -423,6 +435,13 @@ class CommMeter:
         self.bytes += rows_sent_to_others * row_bytes
         self.seconds += seconds
         self.calls += 1
+
+    @contextmanager
+    def timed(self):
+        """Count the time of the small collectives (counts, capacities, balance-loss counts) too."""
+        t0 = time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - t0
 
 
 @dataclass
@@ -488,50 +507,54 @@ class AllToAllDispatcher:
         R, L, ctx = self.R, self.L, self.ctx
         send_RL = plan.rows_per_expert_E.view(R, L)
         recv_RL = torch.empty_like(send_RL)
-        dist.all_to_all_single(recv_RL, send_RL.contiguous(), group=ctx.ep_group)  # counts first
-        in_splits, out_splits = torch.stack([send_RL.sum(1), recv_RL.sum(1)]).tolist()  # the one host sync
+        with self.meter.timed():
+            dist.all_to_all_single(recv_RL, send_RL.contiguous(), group=ctx.ep_group)  # counts first
+            host = torch.cat([send_RL.sum(1), recv_RL.reshape(-1)]).tolist()  # the one host sync
+        in_splits, recv = host[:R], [host[R + s * L:R + (s + 1) * L] for s in range(R)]
+        out_splits = [sum(row) for row in recv]
         x_ND = _AllToAll.apply(x_AD, out_splits, in_splits, ctx.ep_group, ctx.ep_rank, self.meter)
         if sum(out_splits) == 0:
             # nothing to compute here, but the return exchange (and its backward) must still run on this
             # rank, connected to the graph, or the other ranks would wait for it (Megatron-LM #1877)
             y_ND = x_ND.clone()
         else:
-            y_ND = self._run_local(x_ND, recv_RL, experts)
+            y_ND = self._run_local(x_ND, recv, recv_RL.sum(0), experts)
         return _AllToAll.apply(y_ND, in_splits, out_splits, ctx.ep_group, ctx.ep_rank, self.meter)
 
     def _capacity(self, x_AD: Tensor, plan: DispatchPlan, experts: Experts) -> Tensor:
         R, L, ctx = self.R, self.L, self.ctx
         E, C, D = R * L, plan.capacity, x_AD.shape[-1]
         caps = [torch.zeros(1, dtype=torch.int64) for _ in range(R)]
-        dist.all_gather(caps, torch.tensor([C]), group=ctx.cpu_ep_group)  # host ints: no device sync
+        with self.meter.timed():
+            dist.all_gather(caps, torch.tensor([C]), group=ctx.cpu_ep_group)  # host ints: no device sync
         caps = [int(c) for c in caps]
         # static [E * C] send buffer; dropped rows (slot -1) land on a trash row past the end
         dest_A = torch.where(plan.slot_A >= 0, plan.expert_idx_A * C + plan.slot_A, E * C)
         buf_XD = x_AD.new_zeros(E * C + 1, D).index_copy(0, dest_A, x_AD)[: E * C]
         in_splits, out_splits = [L * C] * R, [L * c for c in caps]
         x_ND = _AllToAll.apply(buf_XD, out_splits, in_splits, ctx.ep_group, ctx.ep_rank, self.meter)
-        recv_RL = torch.tensor(caps, device=x_AD.device)[:, None].expand(R, L)
-        y_ND = self._run_local(x_ND, recv_RL, experts, capacity=sum(caps))
+        cap = sum(caps)  # every local expert gets exactly this many rows (empty slots are zeros)
+        rows_L = torch.full((L,), cap, dtype=torch.int64, device=x_AD.device)
+        y_ND = self._run_local(x_ND, [[c] * L for c in caps], rows_L, experts, capacity=cap)
         y_XD = _AllToAll.apply(y_ND, in_splits, out_splits, ctx.ep_group, ctx.ep_rank, self.meter)
         return torch.cat([y_XD, y_XD.new_zeros(1, D)])[dest_A]
 
-    def _run_local(self, x_ND: Tensor, recv_RL: Tensor, experts: Experts, capacity: int | None = None) -> Tensor:
-        """Rows arrive grouped by (source rank, local expert); the experts need them by (expert, source)."""
+    def _run_local(self, x_ND: Tensor, recv: list[list[int]], rows_L: Tensor, experts: Experts,
+                   capacity: int | None = None) -> Tensor:
+        """Run the local experts on received rows. They arrive in blocks of (source rank, local expert)
+        with ``recv[s][e]`` rows (host ints); the experts need (expert, source). Regrouping the blocks
+        with host sizes needs no index tensors and no device sync."""
         R, L, N = self.R, self.L, x_ND.shape[0]
-        expert_N = torch.arange(L, device=x_ND.device).repeat(R).repeat_interleave(recv_RL.reshape(-1), output_size=N)
-        order_N = torch.argsort(expert_N, stable=True) if L > 1 else None
-        if order_N is not None:
-            x_ND, expert_N = x_ND[order_N], expert_N[order_N]
-        rows_L = recv_RL.sum(0)
-        slot_N = None
-        if capacity is not None:  # every local expert has exactly `capacity` rows (empty slots are zeros)
-            slot_N = torch.arange(N, device=x_ND.device) % capacity
+        if L > 1:
+            blocks = x_ND.split([n for row in recv for n in row])
+            x_ND = torch.cat([blocks[s * L + e] for e in range(L) for s in range(R)])
+        expert_N = torch.arange(L, device=x_ND.device).repeat_interleave(rows_L, output_size=N)
+        slot_N = None if capacity is None else torch.arange(N, device=x_ND.device) % capacity
         y_ND = experts(x_ND, ExpertRows(rows_L, expert_N, slot_N, capacity))
-        if order_N is None:
-            return y_ND
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(N, device=x_ND.device)
-        return y_ND[inverse_N]
+        if L > 1:  # back to (source, expert) blocks for the return exchange
+            blocks = y_ND.split([recv[s][e] for e in range(L) for s in range(R)])
+            y_ND = torch.cat([blocks[e * R + s] for s in range(R) for e in range(L)])
+        return y_ND
 
     def switch_aux_loss(self, probs_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
         """The Switch balance loss E * sum_e f_e P_e of the GLOBAL batch, as this rank's share.
@@ -539,16 +562,15 @@ class AllToAllDispatcher:
         f_E (assignment fractions, not differentiable) comes from one all-reduce of the counts over all
         W ranks; P_E is this rank's probability mass / global tokens * W, so the mean over ranks of the
         returned values is exactly the global loss, also for unequal or empty local batches. Without
-        gradients (evaluation) it is the local loss: no collective, so ranks may evaluate alone.
+        gradients (evaluation) it is the local loss: no collective (with ep = 1 a rank may evaluate alone).
         """
-        from moekit.losses import switch_aux_loss
-
         T, K = topk_idx_TK.shape
         if not torch.is_grad_enabled() or self.ctx.world_size == 1:
             return switch_aux_loss(probs_TE, topk_idx_TK)
         E = probs_TE.shape[-1]
         counts = torch.cat([expert_counts(topk_idx_TK, E), probs_TE.new_full((1,), T, dtype=torch.float32)])
-        dist.all_reduce(counts, group=self.ctx.world_group)
+        with self.meter.timed():
+            dist.all_reduce(counts, group=self.ctx.world_group)
         T_global = counts[E].clamp_min(1.0)
         f_E = counts[:E] / (T_global * K)
         P_E = probs_TE.float().sum(0) * (self.ctx.world_size / T_global)
@@ -556,15 +578,11 @@ class AllToAllDispatcher:
 
 
 # ---------------------------------------------------------------------------------------------- launch
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, nproc: int, port: int, fn: Callable, args: tuple, outdir: str, threads: int | None) -> None:
+    # torchrun's environment; the rendezvous store is the launcher's (torchrun's "agent store"), so no
+    # process has to bind a port that another program could have taken since it was chosen
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -572,9 +590,10 @@ def _worker(rank: int, nproc: int, port: int, fn: Callable, args: tuple, outdir:
         torch.save(result, Path(outdir) / f"rank{rank}.pt")
     except BaseException:
         (Path(outdir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1) from None
-    finally:
-        teardown_parallel()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # no teardown: it could block on a peer that is stuck or gone
+    teardown_parallel()
 
 
 def launch(fn: Callable, nproc: int, args: Iterable = (), *, timeout: float | None = None,
@@ -582,7 +601,7 @@ def launch(fn: Callable, nproc: int, args: Iterable = (), *, timeout: float | No
     """Run ``fn(*args)`` in ``nproc`` fresh local processes, like torchrun; return each rank's result.
 
     ``fn`` (a module-level function) typically calls ``setup_parallel``. The environment is torchrun's
-    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free port). ``threads``: torch
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT of a store this process hosts). ``threads``: torch
     threads per process (default: the machine's cores / nproc). If a rank fails, the others are killed
     and its traceback is raised as RuntimeError; past ``timeout`` seconds all are killed (TimeoutError).
     """
@@ -593,7 +612,8 @@ def launch(fn: Callable, nproc: int, args: Iterable = (), *, timeout: float | No
     threads = threads or max(1, (os.cpu_count() or 1) // nproc)
     spawn = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="moekit-launch-") as outdir:
-        port = free_port()
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # port 0: the OS picks
+        port = store.port
         procs = [spawn.Process(target=_worker, args=(r, nproc, port, fn, tuple(args), outdir, threads), daemon=True)
                  for r in range(nproc)]
         for p in procs:
@@ -623,17 +643,6 @@ def launch(fn: Callable, nproc: int, args: Iterable = (), *, timeout: float | No
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-class _FullView:
-    """What ``checkpoint.write_model`` reads from a model (``config`` and ``state_dict()``), for the
-    gathered state of a sharded one: the file is then byte-for-byte the single-process format."""
-
-    def __init__(self, config, state: dict[str, Tensor]):
-        self.config, self._state = config, state
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self._state
-
-
 def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
     return (model.module, True) if isinstance(model, DDP) else (model, False)
 
@@ -706,7 +715,7 @@ def _sq_norm(params: list[nn.Parameter], device: torch.device) -> Tensor:
 
 
 __all__ = [
-    "AllToAllDispatcher", "CommMeter", "ParallelContext", "check_expert_parallel", "free_port", "full_optimizer_state",
+    "AllToAllDispatcher", "CommMeter", "ParallelContext", "check_expert_parallel", "full_optimizer_state",
     "full_state_dict", "launch", "load_full_state_dict", "load_model", "save_model", "setup_parallel",
-    "shard_model", "shard_optimizer_state", "teardown_parallel",
+    "shard_model", "shard_optimizer_state", "teardown_parallel", "unsharded",
 ]

@@ -58,12 +58,11 @@ def _qwen3_30b_a3b() -> ModelConfig:
 def _olmoe_1b_7b() -> ModelConfig:
     """OLMoE-1B-7B (Muennighoff et al. 2024; HF allenai/OLMoE-1B-7B-0924 config.json).
 
-    OLMoE normalises q and k over the full projection width (a [2048] weight each); moekit's qk_norm is
-    per head (a [128] weight shared over heads), so this preset has 16 * 2 * (2048 - 128) = 61,440 fewer
-    parameters than the checkpoint, under 0.001% of the total.
+    OLMoE normalises q and k over the whole projection before the head split (q_norm, k_norm [2048] each:
+    qk_norm_scope="full"), so the parameter count is the checkpoint's, full-width norms included.
     """
     return ModelConfig(vocab_size=50304, dim=2048, n_layers=16, n_heads=16, ffn_dim=1024, max_seq_len=4096,
-                       rope_theta=10000.0, norm_eps=1e-5, qk_norm=True,
+                       rope_theta=10000.0, norm_eps=1e-5, qk_norm=True, qk_norm_scope="full",
                        moe=MoEConfig(n_experts=64, top_k=8, expert_ffn_dim=1024, norm_topk_prob=False,
                                      aux_loss_coef=0.01, z_loss_coef=0.001),
                        name="olmoe-1b-7b")

@@ -4,5 +4,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$root/scripts/env.sh" test
 cd "$root"
-export MOEKIT_CACHE="${MOEKIT_CACHE:-$root/.cache/tokens}"
+export MOEKIT_CACHE="${MOEKIT_CACHE:-$root/.cache}"
 python -m pytest -q "$@"

@@ -81,7 +81,7 @@ def test_crossover_helpers():
     assert c["direction"] == "moe_overtakes" and 100 < c["tokens"] < 200
 
 
-VERBS = ["compare", "train", "generate", "eval", "costs"]
+VERBS = ["compare", "train", "generate", "eval", "costs", "convert", "upcycle"]
 
 
 def _moekit(*args, cwd=ROOT, timeout=300):
@@ -146,3 +146,33 @@ def test_readme_quickstart_commands_in_tiny_mode(corpus, tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:]
     assert "passed" in r.stdout
+
+
+def test_cli_upcycle_convert_costs_on_hf_checkpoint(tmp_path):
+    """HF llama -> `moekit upcycle` -> `moekit convert --to hf` -> transformers loads it, same logits."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32)
+    torch.manual_seed(0)
+    llama = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        ref = llama(ids).logits
+    r = _moekit("upcycle", str(tmp_path / "llama"), str(tmp_path / "moe"), "--n-experts", "4", "--top-k", "2")
+    assert r.returncode == 0, r.stderr
+    r = _moekit("convert", str(tmp_path / "moe"), str(tmp_path / "hf"), "--to", "hf")
+    assert r.returncode == 0, r.stderr
+    mixtral = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert float((mixtral(ids).logits - ref).abs().max() / ref.abs().max()) < 1e-4
+    r = _moekit("costs", "--checkpoint", str(tmp_path / "hf"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["total_params"] == sum(p.numel() for p in mixtral.parameters())
+    r = _moekit("convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "moekit")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back" / "model.safetensors").is_file()
+    r = _moekit("convert", str(tmp_path / "nowhere"), str(tmp_path / "x"), "--to", "hf")
+    assert r.returncode == 2 and "nowhere" in r.stderr
