@@ -123,6 +123,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--eval-every", dest="eval_every", type=int, help="validate every N steps (default 50)")
     g.add_argument("--eval-batches", dest="eval_batches", type=int, help="validation batches (default 16)")
+    g.add_argument("--log-every", dest="log_every", type=int, help="log metrics every N steps (default 10)")
     g.add_argument("--save-every", dest="save_every", type=int, help="checkpoint every N steps (default: end only)")
 
 
@@ -154,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from moekit.train import run_training
 
     res = run_training(model_config_from_args(args), train_config_from_args(args), data_spec_from_args(args),
-                       run_dir=args.out, resume=args.resume, progress=not args.quiet)
+                       run_dir=args.out, resume=args.resume, progress=not args.quiet, nproc=args.nproc)
     print(f"trained {res.steps} steps, {res.tokens:,} tokens in {res.train_seconds:.1f}s "
           f"({res.tokens_per_s:,.0f} tokens/s); final validation loss {res.final_val_loss}; checkpoint in {args.out}")
     return 0
@@ -271,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train with N local processes (torch.distributed: gloo on CPU, NCCL on GPUs); "
+                        "or launch with torchrun -m moekit train")
+    p.add_argument("--ep", type=int, help="expert-parallel degree (divides --nproc and n_experts; default 1); the "
+                                          "other nproc/ep ways are data parallel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

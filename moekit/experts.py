@@ -16,12 +16,18 @@ The dense MLP and every expert compute the same ``ffn`` function, so a one-exper
 MLP (tested). Expert weights are stacked 3-D tensors ``w_in [E, I, D]`` and ``w_out [E, D, F]``.
 
 Backends (all take rows already sorted by expert, see ``dispatch.py``):
-  loop     one GEMM pair per expert on its contiguous slice (syncs once for the slice sizes)
-  grouped  ``torch.nn.functional.grouped_mm`` over all slices at once, no host sync
-  padded   rows scattered into an [E, C, D] buffer and run as one batched matmul (static shapes in
-           capacity mode; dropless mode pads to the largest expert, one sync)
-``auto`` picks ``grouped`` when one capability check (a tiny grouped_mm on the device and dtype)
-passes, else ``loop``, and logs the choice. A backend requested explicitly that cannot run raises.
+  loop      one GEMM pair per expert on its contiguous slice (reads the slice sizes on the host once); on
+            the CPU the experts run side by side on worker threads, one intra-op thread each
+  grouped   ``torch.nn.functional.grouped_mm`` over all slices at once, no host sync
+  padded    rows scattered into an [E, C, D] buffer and run as one batched matmul (static shapes in
+            capacity mode; dropless mode pads to the largest expert, one sync)
+  compiled  the whole MoE layer through ``torch.compile``, the experts an opaque custom op (the loop
+            backend on the CPU, grouped elsewhere), so routing changes never recompile
+loop and grouped share one autograd Function with a hand-written backward (see "execution" below).
+``auto`` picks, and logs: on the CPU the threaded loop when it can use two or more threads on a call of
+useful size (the fastest there, benchmarks/RESULTS.md); otherwise ``grouped`` when one capability check
+(a tiny grouped_mm on the device and dtype) passes, else ``loop``. A backend requested explicitly that
+cannot run raises.
 """
 
 from __future__ import annotations
@@ -144,7 +150,7 @@ class Experts(nn.Module):
         dtype = _compute_dtype(x_AD)
         x_AD = x_AD.to(dtype).contiguous()
         w_in_EID, w_out_EDF = self.w_in.to(dtype), self.w_out.to(dtype)
-        backend = select_backend(self.backend, x_AD.device, dtype, widths=(self.dim, self.ffn_dim))
+        backend = select_backend(self.backend, x_AD.device, dtype, widths=(self.dim, self.ffn_dim), rows=x_AD.shape[0])
         if backend == "grouped":
             return self._grouped(x_AD, w_in_EID, w_out_EDF, plan)
         if backend == "padded":
@@ -282,6 +288,11 @@ class _ExpertThreads:
         self._pool: ThreadPoolExecutor | None = None
         self._width = 0
         self._lock = threading.Lock()
+
+    def worthwhile(self, rows: int, widths: tuple[int, ...]) -> bool:
+        """Would a call of ``rows`` rows (widths: dim, ffn) run on the threads? (SwiGLU FLOPs estimate.)"""
+        flops = 6.0 * rows * math.prod(widths[:2]) if len(widths) >= 2 else 0.0
+        return torch.get_num_threads() >= 2 and flops >= self.min_flops
 
     def map(self, task, spans: list[tuple[int, int, int]], flops: float) -> None:
         width = torch.get_num_threads()
@@ -588,11 +599,21 @@ def grouped_mm_aligned(dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
     return all(w * size % 16 == 0 for w in widths)
 
 
-def select_backend(requested: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
-    """``widths``: the feature widths the experts multiply (dim, expert ffn width), for grouped_mm's alignment."""
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = (),
+                   rows: int | None = None) -> str:
+    """``widths``: the feature widths the experts multiply (dim, expert ffn width), for grouped_mm's alignment;
+    ``rows``: the sorted rows of the call (None: unknown).
+
+    auto: on the CPU, the loop backend with expert threads whenever they can run (two or more intra-op
+    threads, a call above ``_ExpertThreads.min_flops``): benchmarks/RESULTS.md measures it fastest there.
+    Otherwise grouped where grouped_mm works (CUDA: one grouped GEMM per stage, no host sync), else loop.
+    """
     aligned = grouped_mm_aligned(dtype, widths)
     if requested == "auto":
-        chosen = "grouped" if aligned and grouped_mm_available(device, dtype) else "loop"
+        if device.type == "cpu" and rows is not None and _EXPERT_THREADS.worthwhile(rows, widths):
+            chosen = "loop"
+        else:
+            chosen = "grouped" if aligned and grouped_mm_available(device, dtype) else "loop"
     elif requested == "grouped" and not grouped_mm_available(device, dtype):
         raise RuntimeError(
             f"backend='grouped' cannot run on {device.type} with {dtype}: torch {torch.__version__} has no working "

@@ -161,6 +161,11 @@ class ParallelContext:
             torch._foreach_mul_(grads, coef)
         return total
 
+    def barrier(self) -> None:
+        """Wait for every rank (e.g. until rank 0 has written a checkpoint)."""
+        if self.world_size > 1:
+            dist.barrier(group=self.world_group)
+
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
     def all_reduce_mean(self, t: Tensor) -> Tensor:
@@ -600,7 +605,8 @@ def launch(fn: Callable, nproc: int, args: Iterable = (), *, timeout: float | No
            threads: int | None = None) -> list[Any]:
     """Run ``fn(*args)`` in ``nproc`` fresh local processes, like torchrun; return each rank's result.
 
-    ``fn`` (a module-level function) typically calls ``setup_parallel``. The environment is torchrun's
+    ``fn`` (a module-level function) typically calls ``setup_parallel``; it returns plain containers of
+    tensors, numbers and strings (loaded back with ``weights_only=True``). The environment is torchrun's
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT of a store this process hosts). ``threads``: torch
     threads per process (default: the machine's cores / nproc). If a rank fails, the others are killed
     and its traceback is raised as RuntimeError; past ``timeout`` seconds all are killed (TimeoutError).
@@ -639,7 +645,9 @@ def launch(fn: Callable, nproc: int, args: Iterable = (), *, timeout: float | No
             errs = sorted(Path(outdir).glob("rank*.err"))
             detail = "\n".join(f"--- {e.stem}\n{e.read_text()}" for e in errs) or f"exit code {procs[failed].exitcode}"
             raise RuntimeError(f"launch: rank {failed} of {nproc} failed\n{detail}")
-        return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+        # results are plain containers of tensors and numbers (and MoEStats): no arbitrary unpickling
+        with torch.serialization.safe_globals([MoEStats]):
+            return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

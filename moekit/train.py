@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,15 @@ from tqdm.auto import tqdm
 from moekit.checkpoint import load_checkpoint, save_checkpoint
 from moekit.config import ModelConfig
 from moekit.model import Transformer
+from moekit.parallel import (
+    ParallelContext,
+    check_expert_parallel,
+    full_optimizer_state,
+    setup_parallel,
+    shard_model,
+    shard_optimizer_state,
+    unsharded,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,9 +76,10 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # 0: save only at the end
     compile: bool = False
+    ep: int = 1  # expert-parallel degree when several processes train (moekit train --nproc N --ep EP)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "save_every"):
@@ -140,19 +151,26 @@ def autocast_ctx(device: torch.device, tc: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, data, tc: TrainConfig, device: torch.device, max_batches: int | None = None) -> float:
-    """Mean next-token cross-entropy (nats/token) over the validation split, in order."""
+def evaluate(model: Transformer, data, tc: TrainConfig, device: torch.device, max_batches: int | None = None,
+             ctx: ParallelContext | None = None) -> float:
+    """Mean next-token cross-entropy (nats/token) over the validation split, in order.
+
+    Under expert parallelism every rank takes its share of each batch (all ranks join every all-to-all)
+    and the token-weighted mean is reduced over ranks."""
+    ctx = ctx or ParallelContext()
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total_count = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in data.val_batches(tc.batch_size, tc.seq_len, max_batches or tc.eval_batches):
-        x, y = x.to(device), y.to(device)
+        x, y = ctx.local_batch(x).to(device), ctx.local_batch(y).to(device)
         with autocast_ctx(device, tc):
             out = model(x, y)
-        n = int((y != -100).sum())
-        total += float(out.lm_loss) * n
-        count += n
+        n = (y != -100).sum()
+        if n > 0:
+            total_count += torch.stack([out.lm_loss.double() * n, n.double()])
+    (total_count,) = ctx.all_reduce_sum([total_count])
     model.train(was_training)
+    total, count = total_count.tolist()
     if count == 0:
         raise ValueError("validation split: too short for one batch of seq_len tokens")
     return total / count
@@ -192,14 +210,26 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
     With ``resume=True`` the latest checkpoint of ``run_dir`` is loaded and training continues the
     same run: same data order, RNG streams, optimizer moments and schedule. ``stop_at`` ends this
     invocation early after that step (with a checkpoint), as an interruption would.
+
+    Under ``torchrun`` or ``moekit train --nproc N`` (``TrainConfig.ep`` experts-parallel ranks, the rest
+    data-parallel) every process calls this function: each draws the same global batch and takes its
+    share, experts are spread over the ep ranks (``moekit.parallel``), gradients, losses and routing
+    statistics are reduced over the right groups, and rank 0 alone writes the run directory. Checkpoints
+    are in the single-process format whatever the layout.
     """
     tc = train_config
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(tc.device)
+    ctx = setup_parallel(ep=tc.ep, device=None if tc.device == "auto" else tc.device)
+    device = ctx.device if ctx.world_size > 1 else resolve_device(tc.device)
+    main = ctx.is_main
+    if tc.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size: {tc.batch_size} sequences cannot be split evenly over {ctx.world_size} "
+                         "processes")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     start_step, tokens, elapsed = 0, 0, 0.0
-    data_gen = torch.Generator().manual_seed(tc.seed)
+    data_gen = torch.Generator().manual_seed(tc.seed)  # the same global batches on every rank
     curve: list[dict[str, float]] = []
     imbalance_curve: list[dict[str, Any]] = []
     state_tensors = None
@@ -218,32 +248,38 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
         if model is None:
             model = Transformer(model_config)
     model.to(device).train()
+    shard_model(model, ctx)  # a no-op in a single process
     if model_config.vocab_size < getattr(data, "vocab_size", 0):
         raise ValueError(f"vocab_size: model has {model_config.vocab_size} tokens, data needs {data.vocab_size}")
     opt = make_optimizer(model, tc)
     if state_tensors is not None:
-        opt.load_state_dict(state_tensors["optimizer"])
+        shard_optimizer_state(model, opt, state_tensors["optimizer"], ctx)
     step_fn = torch.compile(model) if tc.compile else model
 
-    (run_dir / "config.json").write_text(model_config.to_json())
-    (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
-    logger = _Logger(run_dir, append=resume)
+    if main:
+        (run_dir / "config.json").write_text(model_config.to_json())
+        (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
+    logger = _Logger(run_dir, append=resume) if main else None
     n_moe = len(model.moe_layers)
     load_sum = [torch.zeros(m.config.n_experts, device=device) for m in model.moe_layers]
     if state_tensors is not None and "expert_load" in state_tensors:
         load_sum = [t.to(device) for t in state_tensors["expert_load"]]
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, model, tokenizer,
-                        {"step": step, "tokens": tokens, "train_seconds": elapsed, "curve": curve,
-                         "imbalance_curve": imbalance_curve, "train_config": dataclasses.asdict(tc)},
-                        {"optimizer": opt.state_dict(), "data_rng": data_gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "expert_load": [t.cpu() for t in load_sum]})
+        full_opt = full_optimizer_state(model, opt, ctx)  # collectives: every rank takes part
+        with unsharded(model, ctx) as whole:
+            if main:
+                save_checkpoint(run_dir, step, whole, tokenizer,
+                                {"step": step, "tokens": tokens, "train_seconds": elapsed, "curve": curve,
+                                 "imbalance_curve": imbalance_curve, "train_config": dataclasses.asdict(tc)},
+                                {"optimizer": full_opt, "data_rng": data_gen.get_state(),
+                                 "torch_rng": torch.get_rng_state(), "expert_load": [t.cpu() for t in load_sum]})
+        ctx.barrier()
 
     last = tc.steps if stop_at is None else min(tc.steps, stop_at)
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not progress, desc=model_config.name or "train",
-               unit="step", dynamic_ncols=True)
-    window_tokens, window_t0 = 0, time.perf_counter()
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not (progress and main),
+               desc=model_config.name or "train", unit="step", dynamic_ncols=True)
+    window_tokens, window_steps, window_t0 = 0, 0, time.perf_counter()
     try:
         for step in range(start_step, last):
             t0 = time.perf_counter()
@@ -252,61 +288,65 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
                 g["lr"] = lr * g["lr_scale"]
             loads = [torch.zeros_like(s) for s in load_sum]
             sums = torch.zeros(4, device=device)  # loss, lm, aux, z
-            layer_stats = []
+            out = None
             for _ in range(tc.grad_accum):
                 x, y = data.get_batch("train", tc.batch_size, tc.seq_len, data_gen)
-                x, y = x.to(device), y.to(device)
+                x, y = ctx.local_batch(x).to(device), ctx.local_batch(y).to(device)
                 with autocast_ctx(device, tc):
                     out = step_fn(x, y)
                 (out.loss / tc.grad_accum).backward()
                 sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float() / tc.grad_accum
-                moe_stats = [s for s in out.stats if s is not None]
-                for i, s in enumerate(moe_stats):
+                for i, s in enumerate(s for s in out.stats if s is not None):
                     loads[i] += s.routed_per_expert
-                layer_stats = moe_stats
+            ctx.reduce_grads(model)
+            sums = ctx.all_reduce_mean(sums)
             loss, lm_loss, aux_loss, z_loss = sums.tolist()  # one sync per step
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss is {loss} at step {step}; stopping. The last good checkpoint is kept in "
                     f"{run_dir / 'checkpoints'} (lower the learning rate or enable grad clipping)")
-            if tc.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            else:
-                grad_norm = float("nan")
+            grad_norm = float(ctx.clip_grad_norm_(model, tc.grad_clip)) if tc.grad_clip > 0 else float("nan")
             opt.step()
             opt.zero_grad(set_to_none=True)
             if n_moe:
+                loads = ctx.all_reduce_sum(loads)  # the global load, so every replica's biases agree
                 model.update_router_biases(loads)
                 for acc, ld in zip(load_sum, loads):
                     acc += ld
             tokens += tc.tokens_per_step
             window_tokens += tc.tokens_per_step
+            window_steps += 1
             elapsed += time.perf_counter() - t0
             bar.update(1)
             done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps or done == 1:
+            if done % tc.log_every == 0 or done == last or done == 1:
+                layer_stats = [s for s in ctx.reduce_stats(out.stats) if s is not None]
+                comm = ctx.comm_metrics(model, steps=window_steps)
                 tok_s = window_tokens / max(1e-9, time.perf_counter() - window_t0)
-                window_tokens, window_t0 = 0, time.perf_counter()
+                window_tokens, window_steps, window_t0 = 0, 0, time.perf_counter()
                 rec: dict[str, Any] = {"step": done, "tokens": tokens, "loss": loss, "lm_loss": lm_loss,
                                        "aux_loss": aux_loss, "z_loss": z_loss, "lr": lr, "grad_norm": grad_norm,
-                                       "tokens_per_s": tok_s, "train_seconds": elapsed}
+                                       "tokens_per_s": tok_s, "train_seconds": elapsed, **comm}
                 if layer_stats:
                     rec["load_imbalance"] = [float(s.load_imbalance) for s in layer_stats]
                     rec["dropped_frac"] = [float(s.dropped_frac) for s in layer_stats]
                     rec["dead_experts"] = [int(s.dead_experts) for s in layer_stats]
                     rec["router_entropy"] = [float(s.router_entropy) for s in layer_stats]
                     imbalance_curve.append({"step": done, "tokens": tokens, "load_imbalance": rec["load_imbalance"]})
-                logger.log(rec)
+                if logger is not None:
+                    logger.log(rec)
                 bar.set_postfix(loss=f"{lm_loss:.3f}", tok_s=f"{tok_s:,.0f}")
             if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-                val = evaluate(model, data, tc, device)
+                val = evaluate(model, data, tc, device, ctx=ctx)
                 curve.append({"step": done, "tokens": tokens, "train_seconds": elapsed, "val_loss": val})
-                logger.log({"step": done, "tokens": tokens, "val_loss": val, "train_seconds": elapsed})
+                if logger is not None:
+                    logger.log({"step": done, "tokens": tokens, "val_loss": val, "train_seconds": elapsed})
             if (tc.save_every and done % tc.save_every == 0) or done == last:
                 checkpoint(done)
     finally:
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     final_val = curve[-1]["val_loss"] if curve and curve[-1]["step"] == tc.steps else None
     expert_load = [(ld / ld.sum().clamp_min(1)).tolist() for ld in load_sum]
     return TrainResult(run_dir=run_dir, steps=last, tokens=tokens, train_seconds=elapsed, final_val_loss=final_val,
@@ -315,13 +355,47 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
 
 
 def run_training(model_config: ModelConfig, train_config: TrainConfig, data_spec: DataSpec, run_dir: str | Path,
-                 resume: bool = False, progress: bool = True) -> TrainResult:
-    """``moekit train``: load (and cache) the data of ``data_spec``, then train."""
+                 resume: bool = False, progress: bool = True, nproc: int = 1,
+                 stop_at: int | None = None) -> TrainResult:
+    """``moekit train``: load (and cache) the data of ``data_spec``, then train.
+
+    ``nproc > 1`` starts that many local processes (gloo on CPU, NCCL on GPUs) with
+    ``train_config.ep``-way expert parallelism and ``nproc / ep``-way data parallelism; under
+    ``torchrun`` (RANK set) this process is already one of them.
+    """
     from moekit.data import prepare_data
 
+    if nproc < 1:
+        raise ValueError(f"nproc: must be >= 1, got {nproc}")
+    if nproc % train_config.ep:
+        raise ValueError(f"ep: {train_config.ep} does not divide nproc={nproc}")
+    # tokenize here (once) so that the processes below all find the cache ready
     data, tokenizer = prepare_data(corpus=data_spec.corpus, tokenizer=data_spec.tokenizer,
                                    val_path=data_spec.val_path, text_field=data_spec.text_field,
                                    cache_dir=data_spec.cache_dir, progress=progress)
     if not resume and tokenizer.vocab_size != model_config.vocab_size:
         model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
-    return train(model_config, train_config, data, run_dir, tokenizer=tokenizer, resume=resume, progress=progress)
+    if nproc > 1 and "RANK" not in os.environ:
+        from moekit.parallel import launch
+
+        if model_config.moe is not None:
+            check_expert_parallel(model_config.moe.n_experts, train_config.ep)
+        res = launch(_train_process, nproc, (model_config.to_dict(), dataclasses.asdict(train_config),
+                                             dataclasses.asdict(data_spec), str(run_dir), resume, progress,
+                                             stop_at))[0]
+        return TrainResult(**{**res, "run_dir": Path(res["run_dir"])})
+    return train(model_config, train_config, data, run_dir, tokenizer=tokenizer, resume=resume, progress=progress,
+                 stop_at=stop_at)
+
+
+def _train_process(cfg: dict, tc: dict, spec: dict, run_dir: str, resume: bool, progress: bool,
+                   stop_at: int | None) -> dict:
+    """One process of ``run_training(nproc > 1)``; returns the result as plain data."""
+    from moekit.data import prepare_data
+
+    s = DataSpec(**spec)
+    data, tokenizer = prepare_data(corpus=s.corpus, tokenizer=s.tokenizer, val_path=s.val_path,
+                                   text_field=s.text_field, cache_dir=s.cache_dir, progress=False)
+    res = train(ModelConfig.from_dict(cfg), TrainConfig(**tc), data, run_dir, tokenizer=tokenizer, resume=resume,
+                progress=progress, stop_at=stop_at)
+    return {**dataclasses.asdict(res), "run_dir": str(res.run_dir)}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
-from moekit.config import ModelConfig, MoEConfig
+from moekit.config import ACTIVATIONS, ModelConfig, MoEConfig
 from moekit.costs import Costs, costs, dense_twin, format_costs
 from moekit.presets import PRESETS, PUBLISHED, get_preset
 
@@ -38,22 +40,114 @@ EXACT_CASES = {
                  v_head_dim=8, moe=_moe()),
     "mla-no-q-lora": _tiny(attention="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
                            v_head_dim=8),
+    # DeepSeek-V3 at toy size: MLA, a dense first layer, a shared expert, selection-only expert bias (a buffer)
+    "mla-deepseek-v3-like": _tiny(n_layers=3, attention="mla", q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+                                  qk_rope_head_dim=4, v_head_dim=8, first_dense_layers=1, rope_interleaved=True,
+                                  moe=_moe(score_func="sigmoid", expert_bias=True, n_shared_experts=1)),
+    # Hugging Face architecture features (moekit.hf): each adds parameters but the last few
+    "qkv-bias": _tiny(n_kv_heads=2, qkv_bias=True, moe=_moe()),  # Qwen2: H*d + 2*K*d per layer
+    "o-bias": _tiny(o_bias=True, moe=_moe()),  # D per layer
+    "attn-sinks": _tiny(attn_sinks=True, moe=_moe()),  # H per layer
+    "qk-norm-full": _tiny(n_kv_heads=2, head_dim=16, qk_norm=True, qk_norm_scope="full", moe=_moe()),  # OLMoE
+    "dense-ffn-bias": _tiny(ffn_bias=True),  # Llama mlp_bias: 2F + D per dense layer
+    "dense-ffn-bias-gelu": _tiny(activation="gelu", ffn_bias=True),  # F + D
+    "expert-ffn-bias": _tiny(moe=_moe(ffn_bias=True)),  # E * (2F_e + D) per MoE layer
+    "expert-ffn-bias-gelu-shared": _tiny(moe=_moe(activation="gelu", ffn_bias=True, n_shared_experts=1)),
+    "swiglu-clamped": _tiny(n_layers=3, first_dense_layers=1, activation="swiglu_clamped", ffn_bias=True,
+                            moe=_moe(activation="swiglu_clamped", ffn_bias=True, n_shared_experts=1)),
+    "dense-layers": _tiny(n_layers=5, moe_every=2, dense_layers=(2,), ffn_bias=True, moe=_moe()),  # mlp_only_layers
+    "qwen2-moe-like": _tiny(n_layers=3, n_kv_heads=2, qkv_bias=True, dense_layers=(0,), sliding_window=4,
+                            layer_types=("sliding_attention", "full_attention", "full_attention"),
+                            moe=_moe(n_shared_experts=1, shared_expert_ffn_dim=40, shared_expert_gate=True)),
+    "gpt-oss-like": _tiny(n_kv_heads=2, head_dim=16, qkv_bias=True, o_bias=True, attn_sinks=True, sliding_window=4,
+                          layer_types=("sliding_attention", "full_attention"),
+                          rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                                        "truncate": False},
+                          moe=_moe(activation="swiglu_clamped", ffn_bias=True, router_bias=True,
+                                   softmax_after_topk=True, swiglu_limit=3.0)),
+    # no parameters: clip_qkv, sliding windows, RoPE scaling and layout
+    "no-param-features": _tiny(qk_norm=True, qk_norm_scope="full", clip_qkv=2.0, sliding_window=3,
+                               rope_interleaved=True, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                               moe=_moe()),
 }
+
+
+def _built(cfg: ModelConfig):
+    from moekit.model import Transformer
+
+    return Transformer(cfg)
 
 
 @pytest.mark.parametrize("name", list(EXACT_CASES))
 def test_total_params_matches_the_built_model_exactly(name: str) -> None:
-    from moekit.model import Transformer
-
     cfg = EXACT_CASES[name]
-    if cfg.attention == "mla":
-        try:
-            model = Transformer(cfg)
-        except ValueError as e:
-            pytest.skip(f"attention='mla' is not built by moekit.model yet (Hugging Face interop issue): {e}")
-    else:
-        model = Transformer(cfg)
-    assert costs(cfg).total_params == sum(p.numel() for p in model.parameters())
+    model = _built(cfg)
+    c = costs(cfg)
+    assert c.total_params == sum(p.numel() for p in model.parameters())
+    # biases and sinks: attention wq/wk/wv/wo.bias and sinks, ffn/experts b_in/b_out, router bias
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("bias", "b_in", "b_out", "sinks")))
+    assert c.bias_params == biases
+    assert c.attention_params == sum(p.numel() for n, p in model.named_parameters() if ".attn." in n)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation_is_counted(activation: str) -> None:
+    # a new activation in moekit.config.ACTIVATIONS must get its matrix count in moekit.costs
+    cfg = _tiny(n_layers=3, first_dense_layers=1, activation=activation, ffn_bias=True,
+                moe=_moe(activation=activation, ffn_bias=True, n_shared_experts=1))
+    assert costs(cfg).total_params == sum(p.numel() for p in _built(cfg).parameters())
+
+
+def test_hf_feature_counts_by_hand() -> None:
+    # D=32, V=97, L=2, H=4, K=2, d=16, F=48, E=4, k=2, F_e=24: what each feature adds to the plain config
+    D, L, H, K, d, F, E, k, Fe = 32, 2, 4, 2, 16, 48, 4, 2, 24
+    base = dict(n_kv_heads=K, head_dim=d)
+
+    def total(**kw) -> int:
+        return costs(_tiny(**{**base, **kw})).total_params
+
+    def moe_total(moe_kw=None, **kw) -> int:
+        return costs(_tiny(**{**base, **kw}, moe=_moe(**(moe_kw or {})))).total_params
+
+    assert moe_total(qkv_bias=True) - moe_total() == L * (H * d + 2 * K * d)
+    assert moe_total(o_bias=True) - moe_total() == L * D
+    assert moe_total(attn_sinks=True) - moe_total() == L * H
+    assert moe_total(qk_norm=True) - moe_total() == L * 2 * d
+    assert moe_total(qk_norm=True, qk_norm_scope="full") - moe_total() == L * (H * d + K * d)
+    assert total(ffn_bias=True) - total() == L * (2 * F + D)
+    assert total(activation="gelu", ffn_bias=True) - total(activation="gelu") == L * (F + D)
+    assert total(activation="swiglu_clamped") == total()
+    assert moe_total({"ffn_bias": True}) - moe_total() == L * E * (2 * Fe + D)
+    assert moe_total({"ffn_bias": True, "activation": "gelu"}) - moe_total({"activation": "gelu"}) == L * E * (Fe + D)
+    # the active count takes the biases of the top_k experts only
+    with_b, without = costs(_tiny(moe=_moe(ffn_bias=True))), costs(_tiny(moe=_moe()))
+    assert with_b.active_params - without.active_params == L * k * (2 * Fe + D)
+    # dense_layers turns MoE layers dense: layer 1 of 2 becomes a dense FFN of width F
+    assert moe_total(dense_layers=(1,)) == moe_total() - (E * 3 * D * Fe + E * D) + 3 * D * F
+    assert costs(_tiny(n_layers=5, moe_every=2, dense_layers=(2,), moe=_moe())).n_moe_layers == 2  # layers 0, 4
+
+
+def test_presets_match_the_built_model_exactly() -> None:
+    # built on the meta device: shapes only, no memory, so DeepSeek-V3's 671B parameters build in well under a second
+    for name in PRESETS:
+        cfg = get_preset(name)
+        with torch.device("meta"):
+            model = _built(cfg)
+        assert costs(cfg).total_params == sum(p.numel() for p in model.parameters()), name
+
+
+@pytest.mark.parametrize(("name", "arch"), [("mixtral-8x7b", "mixtral"), ("qwen3-30b-a3b", "qwen3_moe"),
+                                            ("olmoe-1b-7b", "olmoe"), ("deepseek-v3", "deepseek_v3")])
+def test_presets_match_the_hugging_face_architecture(name: str, arch: str) -> None:
+    # the preset exported as a config.json, built by transformers on the meta device (no weights, no hub)
+    transformers = pytest.importorskip("transformers")
+    from moekit.hf.config_map import config_to_hf
+
+    cfg = get_preset(name)
+    hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(cfg, arch))
+    with torch.device("meta"):
+        hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert costs(cfg).total_params == sum(p.numel() for p in hf_model.parameters())
 
 
 def test_breakdown_sums_to_the_totals() -> None:
@@ -83,12 +177,14 @@ def test_presets_reproduce_published_counts(name: str) -> None:
 
 
 def test_exact_counts_of_published_checkpoints() -> None:
-    # sum of the tensor sizes of the Hugging Face checkpoints (Mixtral-8x7B-v0.1, Qwen3-30B-A3B); OLMoE's
-    # checkpoint has full-width q/k norms, 16 layers * 2 * (2048 - 128) more than moekit's per-head qk_norm
+    # sum of the tensor sizes of the Hugging Face checkpoints (Mixtral-8x7B-v0.1, Qwen3-30B-A3B); OLMoE with its
+    # full-width q/k norms [2048] (qk_norm_scope="full"): embedding and head 2 * 50304 * 2048, final norm 2048,
+    # per layer attention 4 * 2048^2 + 2 * 2048, experts 64 * 3 * 2048 * 1024, router 64 * 2048, norms 2 * 2048
     assert costs(get_preset("mixtral-8x7b")).total_params == 46_702_792_704
     assert costs(get_preset("qwen3-30b-a3b")).total_params == 30_532_122_624
-    olmoe_hf = costs(get_preset("olmoe-1b-7b")).total_params + 16 * 2 * (2048 - 128)
-    assert abs(olmoe_hf / costs(get_preset("olmoe-1b-7b")).total_params - 1) < 0.01
+    olmoe_layer = 4 * 2048**2 + 2 * 2048 + 64 * 3 * 2048 * 1024 + 64 * 2048 + 2 * 2048
+    assert costs(get_preset("olmoe-1b-7b")).total_params == 2 * 50304 * 2048 + 2048 + 16 * olmoe_layer
+    assert costs(get_preset("olmoe-1b-7b")).total_params == 6_919_161_856
     # DeepSeek-V3 README_WEIGHTS.md: 36.6B activated, input embedding excluded, output head included
     assert abs(costs(get_preset("deepseek-v3")).active_params_excl_embedding - 36.6e9) <= 0.01 * 36.6e9
 
@@ -134,6 +230,28 @@ def test_flops_hand_counted() -> None:
     assert costs(cfg).seq_len == cfg.max_seq_len
 
 
+def test_flops_ignore_biases_and_sinks_and_window_the_attention() -> None:
+    # gpt-oss-like: biases everywhere, sinks, clamped SwiGLU experts; layer 0 slides with window W=4
+    cfg = EXACT_CASES["gpt-oss-like"]
+    D, V, L, H, K, d, Fe, E, k, W = 32, 97, 2, 4, 2, 16, 24, 4, 2, 4
+    attn = 2 * H * d * D + 2 * K * d * D  # wq, wo [Hd, D], wk, wv [Kd, D]; biases and sinks are not matmuls
+    matmul = L * (attn + k * 3 * D * Fe + E * D) + V * D
+    for S in (4, 8, 16, 32):
+        c = costs(cfg, seq_len=S)
+        assert c.matmul_params_per_token == matmul
+        # 2 * ctx * H * 2d per layer: ctx = S / 2 in the full layer, min(W, S / 2) in the sliding one
+        assert c.attention_flops_per_token == (S + min(2 * W, S)) * H * 2 * d
+        assert c.flops_per_token_forward == 2 * matmul + c.attention_flops_per_token
+    # a window no shorter than half the sequence changes nothing
+    full = dataclasses.replace(cfg, sliding_window=None, layer_types=None)
+    assert costs(cfg, seq_len=8).attention_flops_per_token == costs(full, seq_len=8).attention_flops_per_token
+    assert costs(cfg, seq_len=16).attention_flops_per_token < costs(full, seq_len=16).attention_flops_per_token
+    assert costs(cfg).n_sliding_layers == 1 and costs(full).n_sliding_layers == 0
+    # MLA attends over every key (MLAttention has no window), and the cost model follows it
+    mla = EXACT_CASES["mla"]
+    assert costs(dataclasses.replace(mla, sliding_window=2), seq_len=16) == costs(mla, seq_len=16)
+
+
 def test_flops_count_tied_head_and_each_use_of_a_shared_router() -> None:
     untied, tied = costs(_tiny(moe=_moe())), costs(_tiny(tie_embeddings=True, moe=_moe()))
     assert tied.total_params == untied.total_params - 97 * 32
@@ -150,8 +268,29 @@ def test_memory() -> None:
                               "fp16": 2 * c.total_params, "int8": c.total_params}
     assert c.kv_cache_values_per_token == 2 * 2 * 2 * 8  # L * (k, v) * n_kv_heads * head_dim
     assert c.kv_cache_bytes_per_token["bf16"] == 2 * c.kv_cache_values_per_token
+    assert c.kv_cache_values_at_seq_len == c.seq_len * c.kv_cache_values_per_token  # no window
+    assert c.kv_cache_bytes_at_seq_len["bf16"] == 2 * c.kv_cache_values_at_seq_len
     # MLA caches the latent and the rope key: 61 * (512 + 64) values per token
     assert costs(get_preset("deepseek-v3")).kv_cache_values_per_token == 61 * (512 + 64)
+
+
+@pytest.mark.parametrize("name", ["gpt-oss-like", "qwen2-moe-like", "no-param-features", "mla", "moe"])
+def test_kv_cache_matches_moekit_kvcache_and_is_bounded_by_the_window(name: str) -> None:
+    from moekit.model import KVCache
+
+    cfg = EXACT_CASES[name]
+    c = costs(cfg)
+    # per position: what KVCache allocates (it keeps every position, sliding layers included)
+    cache = KVCache(cfg, batch=1, max_len=cfg.max_seq_len)
+    assert cache.nbytes == c.kv_cache_bytes_per_token["fp32"] * cfg.max_seq_len
+    # one sequence: a sliding layer holds min(window, seq_len) positions
+    per_layer = c.kv_cache_values_per_token // cfg.n_layers
+    for S in (2, 5, 16):
+        held = sum(S if (w := cfg.layer_window(i)) is None or cfg.attention == "mla" else min(w, S)
+                   for i in range(cfg.n_layers))
+        assert costs(cfg, seq_len=S).kv_cache_values_at_seq_len == held * per_layer
+    if c.n_sliding_layers:
+        assert c.kv_cache_values_at_seq_len < c.seq_len * c.kv_cache_values_per_token
 
 
 def test_seq_len_validation() -> None:
@@ -166,15 +305,26 @@ def test_to_dict_and_format() -> None:
     assert d["total_params"] == c.total_params and d["weight_bytes"]["bf16"] == c.weight_bytes["bf16"]
     text = format_costs(c)
     assert "46.7B" in text and "12.9B" in text and "GFLOPs" in text and "GiB" in text
+    assert "KV cache/seq of 4096" in text
+    assert "1 sliding-window" in format_costs(costs(EXACT_CASES["gpt-oss-like"]))
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "tiny-mla", "mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3"])
+TWIN_CASES = {name: get_preset(name) for name in ["tiny", "small", "tiny-mla", "mixtral-8x7b", "qwen3-30b-a3b",
+                                                    "olmoe-1b-7b", "deepseek-v3"]}
+TWIN_CASES["gpt-oss-like-ffn-bias"] = dataclasses.replace(EXACT_CASES["gpt-oss-like"], ffn_bias=True,
+                                                          name="gpt-oss-like-ffn-bias")
+TWIN_CASES["dense-layers-gelu-bias"] = _tiny(n_layers=4, activation="gelu", ffn_bias=True, dense_layers=(1,),
+                                             moe=_moe(n_experts=8, ffn_bias=True), name="dense-layers-gelu-bias")
+
+
+@pytest.mark.parametrize("name", list(TWIN_CASES))
 @pytest.mark.parametrize("match", ["active", "total"])
 def test_dense_twin_matches_the_parameter_count(name: str, match: str) -> None:
-    cfg = get_preset(name)
+    cfg = TWIN_CASES[name]
     twin = dense_twin(cfg, match)
     assert twin.moe is None and twin.moe_layers == ()
     assert twin.name == f"{name}-dense-{match}"
+    assert twin.ffn_bias == cfg.ffn_bias
     assert twin.activation == cfg.activation and twin.dim == cfg.dim and twin.n_layers == cfg.n_layers
     target = getattr(costs(cfg), f"{match}_params")
     assert abs(costs(twin).total_params - target) <= 0.005 * target
@@ -200,3 +350,38 @@ def test_mla_attention_hand_counted() -> None:
     assert costs(EXACT_CASES["mla-no-q-lora"]).attention_params == 2 * (H * (n + r) * D + kv_and_out)
     # scores over n + r, values over v
     assert costs(EXACT_CASES["mla"], seq_len=16).attention_flops_per_token == 2 * (2 * 8 * H * (n + r) + 2 * 8 * H * v)
+
+
+def _tiny_hf_config(arch: str):
+    """A tiny transformers config of ``arch`` with the features that add parameters switched on."""
+    T = pytest.importorskip("transformers")
+    if arch == "gpt_oss":  # q/k/v/o biases, sinks, router bias, expert biases, clamped SwiGLU, sliding layers
+        return T.GptOssConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, intermediate_size=24, num_local_experts=4,
+                              num_experts_per_tok=2, sliding_window=4, max_position_embeddings=64)
+    # deepseek_v3: MLA with q LoRA, a dense first layer, a shared expert, group routing, correction bias (a buffer)
+    return T.DeepseekV3Config(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
+                              n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                              n_group=4, topk_group=2, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+                              qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3"])
+def test_costs_of_a_hugging_face_checkpoint(arch: str, tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    import moekit
+    from moekit.hf import config_from_hf_dir
+
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(_tiny_hf_config(arch))
+    hf_model.save_pretrained(tmp_path)
+    cfg = config_from_hf_dir(tmp_path)
+    c = costs(cfg)
+    model = moekit.from_pretrained(tmp_path, tokenizer=False)
+    assert c.total_params == sum(p.numel() for p in model.parameters())
+    assert c.total_params == sum(p.numel() for p in hf_model.parameters())  # buffers (correction bias) excluded
+    # HF names: {q,k,v,o}_proj.bias, sinks, router.bias, experts.{gate_up,down}_proj_bias (none in deepseek_v3)
+    hf_biases = sum(p.numel() for n, p in hf_model.named_parameters() if n.endswith(("bias", "sinks")))
+    assert c.bias_params == hf_biases and (hf_biases > 0) == (arch == "gpt_oss")
+    assert c.n_moe_layers == 2 and c.n_sliding_layers == (1 if arch == "gpt_oss" else 0)

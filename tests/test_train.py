@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,3 +175,35 @@ def test_shared_router_model_round_trips(tmp_path):
     assert again.moe_layers[0].router is again.moe_layers[1].router  # still one shared module
     ids = torch.randint(0, 256, (2, 16))
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_expert_parallel_training_matches_one_process_and_resumes_across_layouts(data, tmp_path):
+    """`moekit train --nproc 2 --ep 2` (gloo, 2 processes) gives the losses of one process on the same global
+    batches; a run stopped at ep=2 resumes in one process and ends exactly where one process ends."""
+    from moekit.train import DataSpec, run_training
+
+    _, _, path, cache = data
+    spec = DataSpec(corpus=str(path), cache_dir=str(cache))
+    cfg = tiny(True, expert_bias=True, z_loss_coef=1e-3)
+    tc = tcfg(steps=8, eval_every=4, log_every=1, ep=1)
+    one = run_training(cfg, tc, spec, tmp_path / "one", progress=False)
+    two = run_training(cfg, dataclasses.replace(tc, ep=2), spec, tmp_path / "two", progress=False, nproc=2)
+
+    def curve(run, key):
+        recs = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r[key] for r in recs if key in r]
+
+    np.testing.assert_allclose(curve("two", "lm_loss"), curve("one", "lm_loss"), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(curve("two", "load_imbalance"), curve("one", "load_imbalance"), rtol=0, atol=1e-6)
+    assert two.final_val_loss == pytest.approx(one.final_val_loss, abs=2e-5)
+    recv = curve("two", "ep/tokens_recv")
+    assert recv and all(len(r) == 2 and sum(r) > 0 for r in recv)
+    # stopped at ep=2 after 4 steps, resumed in one process: ends where the single-process run ends
+    run_training(cfg, dataclasses.replace(tc, ep=2), spec, tmp_path / "mixed", progress=False, nproc=2, stop_at=4)
+    assert latest_checkpoint(tmp_path / "mixed").name == "step-000004"
+    mixed = run_training(cfg, tc, spec, tmp_path / "mixed", progress=False, resume=True)
+    assert mixed.final_val_loss == pytest.approx(one.final_val_loss, abs=2e-5)
+    a, _, _ = load_checkpoint(tmp_path / "one")
+    b, _, _ = load_checkpoint(tmp_path / "mixed")
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-4, msg=k)
