@@ -233,6 +233,7 @@ class ModelConfig:
             for name in ("qkv_bias", "o_bias", "qk_norm", "attn_sinks"):
                 _check(not getattr(self, name), name, "is not supported with attention='mla'")
             _check(self.clip_qkv is None, "clip_qkv", "is not supported with attention='mla'")
+            _check(self.sliding_window is None, "sliding_window", "is not supported with attention='mla'")
         _choice(self.qk_norm_scope, "qk_norm_scope", QK_NORM_SCOPES)
         _check(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", f"must be > 0, got {self.clip_qkv}")
         _check(self.swiglu_limit > 0, "swiglu_limit", f"must be > 0, got {self.swiglu_limit}")
