@@ -46,18 +46,19 @@ def main() -> None:
     p.add_argument("--n-experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--expert-ffn-dim", type=int, default=256)
-    p.add_argument("--expert-bias", action="store_true", help="aux-loss-free balancing instead of the aux loss")
+    p.add_argument("--aux-loss", action="store_true",
+                   help="balance with the Switch loss (coef 0.01) instead of the aux-loss-free bias rule")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
-    _tune_allocator()
+    _tune_allocator([sys.executable, *sys.argv])
 
     tokens_per_step = args.batch_size * args.seq_len
     steps = max(10, int(args.tokens // tokens_per_step))
     tc = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                     warmup_steps=min(100, steps // 10), eval_every=max(1, steps // 20), eval_batches=32,
+                     warmup_steps=min(100, steps // 10), eval_every=max(1, steps // 20), eval_batches=16,
                      log_every=max(1, steps // 50))
     specs = {"stdlib": DataSpec(corpus="stdlib")}
     if (SHARED / "wikitext2-valid.txt").is_file():
@@ -69,7 +70,7 @@ def main() -> None:
         if corpus not in specs:
             print(f"skipping {corpus}: not available")
             continue
-        cfg = moe_config(args.n_experts, args.top_k, args.expert_ffn_dim, args.expert_bias)
+        cfg = moe_config(args.n_experts, args.top_k, args.expert_ffn_dim, not args.aux_loss)
         res = compare(cfg, tc, specs[corpus], name=f"{cfg.name}-{corpus}", runs_dir=out / "runs")
         moe, dense = res["models"]["moe"], res["models"]["dense_active"]
         need = res["moe_tokens_to_dense_active_final_loss"]

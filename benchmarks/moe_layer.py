@@ -10,7 +10,11 @@ Writes ``benchmarks/results/moe_layer.json`` (every sample) and prints the table
 
 Method. Each case (T, dtype, forward or forward+backward) builds every variant once, checks that all
 MoE implementations give the same output (and input gradient) as transformers' eager experts, then
-times them in ONE process, interleaved round by round (the order rotates every round), after warm-up.
+times them in ONE process, interleaved round by round (the order rotates every round). The rounds cycle
+through 8 different inputs (the same for all variants of a round), so the routing and every expert's row
+count change from call to call as in training; 8 warm-up rounds pass through all of them first (the
+steady state of a training run: per-shape caches are warm). ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` is
+raised so that the variants do not evict each other's compiled bf16 GEMMs (each behaves as if alone).
 Reported: the median time of each variant and the MEDIAN OVER ROUNDS OF PER-ROUND RATIOS. Other
 processes on a shared machine slow all variants of a round alike, so the per-round ratio is far
 steadier than a ratio of medians. "forward" is an inference forward (``torch.no_grad``); "forward+backward"
@@ -28,7 +32,9 @@ Variants:
 
 Sections (``--sections``): layer, decode, allocator.
   decode     T = 1, 2, 8 tokens, inference forward; the dense reference is the dense-ACTIVE FFN (width
-             k x expert_ffn, the bytes of k experts). Reports bytes/s on the bytes of the experts the
+             k x expert_ffn, the bytes of k experts), alone (its weights stay in cache) and cycled over E/k
+             copies ("x4": the bytes of all experts, as the L layers of a model). Reports bytes/s on the
+             bytes of the experts the
              tokens actually use, against the machine's memory bandwidth measured in the same rounds: a
              large sum/copy (DRAM) and a sum over a buffer as large as all experts' weights (the working
              set of a decode loop, which this machine's cache may hold).
@@ -61,18 +67,27 @@ if str(ROOT) not in sys.path:
 from moekit.cli import ALLOCATOR_ENV, _tune_allocator  # noqa: E402  (stdlib only: imported before torch)
 
 D, FFN, E, K = 512, 1408, 8, 2
+N_INPUTS = 8  # distinct inputs (routings) a layer case cycles through
+# Variants share one process, so one implementation's compiled oneDNN GEMMs (one per shape) must not
+# evict another's from the default 1024-entry cache: each then behaves as if it ran alone.
+BENCH_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16384"}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, ``rounds`` samples each, interleaved; order rotates per round."""
-    for f in fns.values():
-        for _ in range(warmup):
+def interleaved(fns: dict, rounds: int, warmup: int = 1, before_round=None) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``rounds`` samples each, interleaved; order rotates per round.
+    ``before_round(i)`` runs before warm-up round i < 0 and timed round i >= 0 (e.g. to change the input)."""
+    for w in range(warmup):
+        if before_round is not None:
+            before_round(w - warmup)
+        for f in fns.values():
             f()
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
+        if before_round is not None:
+            before_round(r)
         for n in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
             fns[n]()
@@ -103,7 +118,8 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
-            "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV}}
+            "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV},
+            "bench_env": {k: os.environ.get(k) for k in BENCH_ENV}}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -183,8 +199,18 @@ def bench_layer(T: int, dtype_name: str, modes: list[str], backends: list[str], 
               if i != "batched_mm" or T * K * 3 * FFN * D * dtype.itemsize / 2**30 <= hf_mem_gib]
     moe, dense, hf = build(dtype, hf_run)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, T, D, generator=gen).to(dtype)
     g = torch.randn(1, T, D, generator=gen).to(dtype)
+    # N_INPUTS different inputs, cycled round by round (the same for all variants of a round): the routing,
+    # so every expert's row count, changes from call to call as in training. The warm-up rounds go once
+    # through all of them, so the timed rounds see the steady state of a training run, where per-shape
+    # caches (oneDNN's compiled bf16 GEMMs, see moekit/experts.py _ROW_BLOCK) hold every shape an
+    # implementation keeps producing.
+    xs = [torch.randn(1, T, D, generator=gen).to(dtype) for _ in range(N_INPUTS)]
+    x = xs[0]
+    cur = {"x": x}
+
+    def next_input(i: int) -> None:
+        cur["x"] = xs[i % N_INPUTS]
     calls = {"dense": dense}
     for b in backends:
         calls["moekit" if b == "auto" else f"moekit-{b}"] = moekit_call(moe, b)
@@ -230,23 +256,25 @@ def bench_layer(T: int, dtype_name: str, modes: list[str], backends: list[str], 
             if mode == "fwd":
                 def f():
                     with torch.no_grad():
-                        call(x)
+                        call(cur["x"])
             else:
                 def f():
                     for p in ps:
                         p.grad = None
-                    xv = x.detach().requires_grad_()
+                    xv = cur["x"].detach().requires_grad_()
                     call(xv).backward(g)
             return f
 
         load0 = load_now()
-        times = interleaved({n: make(n, c) for n, c in calls.items()}, rounds, warmup=2)
+        times = interleaved({n: make(n, c) for n, c in calls.items()}, rounds, warmup=N_INPUTS,
+                            before_round=next_input)
         res = {"section": "layer", "T": T, "dtype": dtype_name, "mode": mode, "rounds": rounds,
                "auto_backend": auto_backend(T, dtype), "load_before": load0, "load_after": load_now(),
                "median_s": {n: statistics.median(v) for n, v in times.items()},
                "ratio_to_dense": {n: median_ratio(times, n, "dense") for n in times},
                "samples_s": times, "checks": checks, "reference": ref_name,
-               "skipped": {i: f"needs > {hf_mem_gib} GiB for per-row weight copies" for i in hf_impls if i not in hf_run}}
+               "skipped": {i: f"needs > {hf_mem_gib} GiB for per-row weight copies"
+                           for i in hf_impls if i not in hf_run}}
         if compile_s:
             res["compile_s"] = compile_s
         if "moekit" in times:
@@ -279,6 +307,7 @@ def bench_decode(Ts: list[int], dtype_name: str, backends: list[str], hf_impls: 
     moe, dense, hf = build(dtype, hf_impls)
     moe.eval()
     dense.eval()
+    dense_set = [dense] + [copy.deepcopy(dense) for _ in range(E // K - 1)]
     bytes_per_expert = (moe.experts.w_in[0].numel() + moe.experts.w_out[0].numel()) * dtype.itemsize
     # bandwidth probes, timed in the same rounds: DRAM (1 GiB, far beyond any cache) and a buffer the size
     # of all experts' weights (what a decode loop over this layer re-reads)
@@ -288,19 +317,26 @@ def bench_decode(Ts: list[int], dtype_name: str, backends: list[str], hf_impls: 
     results = []
     for T in Ts:
         gen = torch.Generator().manual_seed(2 + T)
-        x = torch.randn(1, T, D, generator=gen).to(dtype)
-        with torch.no_grad():
-            active = int(torch.unique(moe.router(x.view(T, D)).topk_idx_TK).numel())
         n = calls_per_sample
+        xs = [torch.randn(1, T, D, generator=gen).to(dtype) for _ in range(n)]  # n different tokens per sample
+        x = xs[0]
+        with torch.no_grad():  # experts the tokens of a call use, on average over the n inputs
+            active = statistics.mean(int(torch.unique(moe.router(xi.view(T, D)).topk_idx_TK).numel()) for xi in xs)
 
-        def rep(call, n=n):
+        def rep(call, xs=xs):
             def f():
                 with torch.no_grad():
-                    for _ in range(n):
-                        call(x)
+                    for xi in xs:
+                        call(xi)
             return f
 
-        fns = {"dense-active": rep(dense)}
+        # the same dense-active FFN every call keeps its weights in cache; a model's L layers do not. "dense-active
+        # x4" cycles through E/K such FFNs, as many bytes as all E experts: the working set of the MoE layer
+        def dense_cycled(xi, cycle={"i": 0}):  # noqa: B006 (a per-T call counter)
+            cycle["i"] += 1
+            return dense_set[cycle["i"] % len(dense_set)](xi)
+
+        fns = {"dense-active": rep(dense), f"dense-active x{len(dense_set)}": rep(dense_cycled)}
         for b in backends:
             fns["moekit" if b == "auto" else f"moekit-{b}"] = rep(moekit_call(moe, b))
         for impl, block in hf.items():
@@ -310,7 +346,7 @@ def bench_decode(Ts: list[int], dtype_name: str, backends: list[str], hf_impls: 
         fns["bw: sum expert-sized"] = lambda: [resident.sum() for _ in range(8)]
         with torch.no_grad():  # same answer first
             ref = moe(x).out
-            for name, f in fns.items():
+            for name in fns:
                 if name.startswith(("moekit-", "hf-")):
                     call = moekit_call(moe, name[7:]) if name.startswith("moekit-") else hf[name[3:]]
                     p99, mx = per_token_error(call(x), ref)
@@ -330,9 +366,11 @@ def bench_decode(Ts: list[int], dtype_name: str, backends: list[str], hf_impls: 
                "active_experts": active, "active_bytes": active_bytes,
                "dense_active_bytes": sum(p.numel() for p in dense.parameters()) * dtype.itemsize,
                "latency_s": lat, "ratio_to_dense": {k: median_ratio(per_call, k, "dense-active") for k in per_call},
-               "GBps": {k: active_bytes / v / 1e9 for k, v in lat.items() if k != "dense-active"},
+               "GBps": {k: active_bytes / v / 1e9 for k, v in lat.items() if not k.startswith("dense-active")},
                "bandwidth": bw, "samples_s": per_call}
-        res["GBps"]["dense-active"] = res["dense_active_bytes"] / lat["dense-active"] / 1e9
+        for k in lat:
+            if k.startswith("dense-active"):
+                res["GBps"][k] = res["dense_active_bytes"] / lat[k] / 1e9
         res["frac_of_dram_bw"] = {k: v / max(bw["dram_sum_GBps"], bw["dram_copy_GBps"]) for k, v in res["GBps"].items()}
         res["frac_of_resident_bw"] = {k: v / bw["resident_sum_GBps"] for k, v in res["GBps"].items()}
         results.append(res)
@@ -342,11 +380,13 @@ def bench_decode(Ts: list[int], dtype_name: str, backends: list[str], hf_impls: 
 
 def print_decode(res: dict) -> None:
     bw = res["bandwidth"]
-    print(f"\ndecode T={res['T']} {res['dtype']}  ({res['active_experts']} active experts = "
-          f"{res['active_bytes'] / 2**20:.1f} MiB; auto -> {res['auto_backend']}; load {res['load_before']['loadavg_1m']})"
+    print(f"\ndecode T={res['T']} {res['dtype']}  ({res['active_experts']:.2f} active experts = "
+          f"{res['active_bytes'] / 2**20:.1f} MiB; auto -> {res['auto_backend']}; "
+          f"load {res['load_before']['loadavg_1m']})"
           f"\n  bandwidth: DRAM sum {bw['dram_sum_GBps']:.1f} GB/s, copy {bw['dram_copy_GBps']:.1f} GB/s; "
           f"expert-sized buffer sum {bw['resident_sum_GBps']:.1f} GB/s")
-    print(f"  {'variant':22s} {'latency us':>11s} {'/dense-active':>14s} {'GB/s':>8s} {'of DRAM':>8s} {'of resident':>12s}")
+    print(f"  {'variant':22s} {'latency us':>11s} {'/dense-active':>14s} {'GB/s':>8s} {'of DRAM':>8s} "
+          f"{'of resident':>12s}")
     for k, v in res["latency_s"].items():
         print(f"  {k:22s} {v * 1e6:11.1f} {res['ratio_to_dense'][k]:14.3f} {res['GBps'][k]:8.1f} "
               f"{res['frac_of_dram_bw'][k]:8.0%} {res['frac_of_resident_bw'][k]:12.0%}")
@@ -360,20 +400,21 @@ def child_allocator(spec: dict) -> None:
     dtype = getattr(torch, DTYPES[spec["dtype"]])
     moe, dense, _ = build(dtype, [])
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, spec["T"], D, generator=gen).to(dtype)
     g = torch.randn(1, spec["T"], D, generator=gen).to(dtype)
+    xs = [torch.randn(1, spec["T"], D, generator=gen).to(dtype) for _ in range(4)]
+    cur = {"x": xs[0]}
     calls = {"dense": dense, "moekit": moekit_call(moe, "auto")}
 
     def step(call, ps):
         def f():
             for p in ps:
                 p.grad = None
-            xv = x.detach().requires_grad_()
+            xv = cur["x"].detach().requires_grad_()
             call(xv).backward(g)
         return f
 
     fns = {n: step(c, list(dense.parameters()) if n == "dense" else list(moe.parameters())) for n, c in calls.items()}
-    times = interleaved(fns, spec["steps"], warmup=2)
+    times = interleaved(fns, spec["steps"], warmup=2, before_round=lambda i: cur.update(x=xs[i % len(xs)]))
     print(json.dumps({"median_s": {n: statistics.median(v) for n, v in times.items()},
                       "maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -392,7 +433,8 @@ def bench_allocator(T: int, dtype_name: str, rounds: int, steps: int) -> dict:
                                  text=True, check=True)
             runs[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
     res = {"section": "allocator", "T": T, "dtype": dtype_name, "rounds": rounds, "steps_per_round": steps,
-           "load_before": load0, "load_after": load_now(), "env": ALLOCATOR_ENV, "runs": runs, "ratio_default_to_tuned": {}}
+           "load_before": load0, "load_after": load_now(), "env": ALLOCATOR_ENV, "runs": runs,
+           "ratio_default_to_tuned": {}}
     for n in ("dense", "moekit"):
         ratios = [d["median_s"][n] / t["median_s"][n] for d, t in zip(runs["default"], runs["tuned"])]
         res["ratio_default_to_tuned"][n] = statistics.median(ratios)
@@ -410,14 +452,15 @@ def bench_allocator(T: int, dtype_name: str, rounds: int, steps: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and few rounds (a smoke test)")
     p.add_argument("--sections", default="layer,decode,allocator", help="comma list of layer, decode, allocator")
     p.add_argument("--tokens", help="comma list of T for the layer section (default 4096,16384)")
     p.add_argument("--decode-tokens", help="comma list of T for the decode section (default 1,2,8)")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd (inference forward) and/or fwdbwd")
-    p.add_argument("--backends", default="auto,loop,loop-serial,grouped,padded,compiled",
+    p.add_argument("--backends", default="auto,loop-serial,grouped,padded,compiled",
                    help="moekit variants (auto = what MoEConfig() picks)")
     p.add_argument("--hf", default="eager,grouped_mm,batched_mm", help="transformers experts implementations")
     p.add_argument("--hf-mem-gib", type=float, default=2.0, help="skip batched_mm above this weight-copy size")
@@ -429,6 +472,9 @@ def main() -> None:
     if args.child_allocator:
         child_allocator(json.loads(args.child_allocator))
         return
+    if any(os.environ.get(k) != v for k, v in BENCH_ENV.items()):  # read by oneDNN at start-up only
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]],
+                  {**os.environ, **BENCH_ENV})
     _tune_allocator([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]])
 
     import torch

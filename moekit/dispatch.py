@@ -43,7 +43,6 @@ class DispatchPlan:
     capacity: int | None
     n_tokens: int
     top_k: int
-    order_A: Tensor | None = None  # flat assignment t*K + k of each sorted row (the inverse of inverse_A)
 
     @property
     def dropped_frac(self) -> Tensor:
@@ -175,15 +174,13 @@ def _plan(order_A: Tensor, expert_A: Tensor, weight_A: Tensor, keep_A: Tensor | 
         capacity=C,
         n_tokens=T,
         top_k=K,
-        order_A=order_A,
     )
 
 
 class _GatherRows(torch.autograd.Function):
     """x_AD = x_TD[token_idx_A]. Autograd's backward of an index would zero-fill [T, D] and
-    ``index_put_(accumulate=True)`` the A rows (about 10x slower on CPU, benchmarks/moe_layer.py);
-    here each token's K row gradients are gathered back in (t, k) order and summed (no atomics, so
-    also deterministic on GPUs)."""
+    ``index_put_(accumulate=True)`` the A rows (about 10x slower on the CPU, benchmarks/RESULTS.md); here
+    the K row gradients of each token are summed by ``sum_rows_per_token``."""
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, token_idx_A: Tensor, inverse_A: Tensor, K: int) -> Tensor:
@@ -194,15 +191,15 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_AD: Tensor):
         (inverse_A,) = ctx.saved_tensors
-        K = ctx.K
-        g_TKD = g_AD.index_select(0, inverse_A).view(-1, K, g_AD.shape[-1])
-        return sum_k(g_TKD), None, None, None
+        return sum_rows_per_token(g_AD, inverse_A, g_AD.shape[0] // ctx.K, ctx.K), None, None, None
 
 
-def sum_k(v_TKD: Tensor) -> Tensor:
-    """v_TKD summed over k as K-1 adds: faster than a strided ``sum(1)`` on the CPU for small K."""
-    out_TD = v_TKD[:, 0].clone() if v_TKD.shape[1] == 1 else v_TKD[:, 0] + v_TKD[:, 1]
-    for k in range(2, v_TKD.shape[1]):
+def sum_rows_per_token(v_AD: Tensor, inverse_A: Tensor, T: int, K: int) -> Tensor:
+    """out_t = the sum of the K rows of token t: the rows gathered in (t, k) order, then K - 1 adds. No
+    atomics (deterministic on every device); ``index_add_`` is slower on the CPU (benchmarks/RESULTS.md)."""
+    v_TKD = v_AD.index_select(0, inverse_A).view(T, K, -1)
+    out_TD = v_TKD[:, 0].clone() if K == 1 else v_TKD[:, 0] + v_TKD[:, 1]
+    for k in range(2, K):
         out_TD += v_TKD[:, k]
     return out_TD
 

@@ -50,6 +50,7 @@ log = logging.getLogger("moekit")
 
 
 GATED = ("swiglu", "swiglu_clamped")  # activations whose input projection holds [gate | up]
+DECODE_MAX_ROWS = 16  # token-expert rows up to which an inference call skips the dispatch plan (Experts.decode)
 
 
 def ffn_in_width(ffn_dim: int, activation: str) -> int:
@@ -145,6 +146,11 @@ class Experts(nn.Module):
         return (None if self.b_in is None else self.b_in.to(dtype),
                 None if self.b_out is None else self.b_out.to(dtype))
 
+    def cast_input(self, x: Tensor) -> Tensor:
+        """x in the experts' compute dtype (the autocast dtype under autocast): ``MoE`` casts the T token rows
+        before copying them to the T * K expert rows, instead of casting the copies."""
+        return x.to(_compute_dtype(x))
+
     def forward(self, x_AD: Tensor, plan: DispatchPlan) -> Tensor:
         """Run each expert on its contiguous slice of the sorted rows."""
         dtype = _compute_dtype(x_AD)
@@ -170,6 +176,55 @@ class Experts(nn.Module):
 
     def _grouped(self, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, plan: DispatchPlan) -> Tensor:
         return self._fused(x_AD, w_in_EID, w_out_EDF, plan, grouped=True)
+
+    def decode_eligible(self, x_TD: Tensor, top_k: int) -> bool:
+        """Can ``decode`` run this call? A few tokens (generation), no autograd, CPU, loop or auto."""
+        if self.backend not in ("auto", "loop") or x_TD.device.type != "cpu" or x_TD.shape[0] * top_k > DECODE_MAX_ROWS:
+            return False
+        needs_grad = x_TD.requires_grad or any(p.requires_grad for p in self.parameters())
+        return not torch.is_grad_enabled() or not needs_grad
+
+    def decode(self, x_TD: Tensor, topk_idx_TK: Tensor) -> Tensor:
+        """The experts of a few tokens without a dispatch plan: y_TKD, the output of the k-th expert of token
+        t. Each active expert runs once on its tokens (matrix-vector products for a single token), so only
+        the active experts' weights are read."""
+        dtype = _compute_dtype(x_TD)
+        x_TD = x_TD.to(dtype)
+        w_in_EID, w_out_EDF = self.w_in.to(dtype), self.w_out.to(dtype)
+        b_in, b_out = self._biases(dtype)
+        T, K = topk_idx_TK.shape
+        slots: dict[int, list[tuple[int, int]]] = {}
+        for t, row in enumerate(topk_idx_TK.tolist()):  # the one host read
+            for k, e in enumerate(row):
+                slots.setdefault(e, []).append((t, k))
+        act = _ActSpec(self.activation, self.limit, self.alpha, self.ffn_dim)
+        y_TKD = x_TD.new_empty(T, K, self.dim)  # every (t, k) slot is written by exactly one expert
+
+        def expert(e: int, tk: list[tuple[int, int]]) -> None:
+            if len(tk) == 1:
+                (t, k), = tk
+                h_1I = torch.mv(w_in_EID[e], x_TD[t]).unsqueeze(0)
+            else:
+                h_1I = x_TD[[t for t, _ in tk]] @ w_in_EID[e].t()
+            if b_in is not None:
+                h_1I += b_in[e]
+            a_1F = h_1I.new_empty(h_1I.shape[0], self.ffn_dim)
+            act.forward_into(h_1I, a_1F, None)
+            if len(tk) == 1:
+                y = torch.mv(w_out_EDF[e], a_1F[0], out=y_TKD[t, k])
+            else:
+                y = a_1F @ w_out_EDF[e].t()
+            if b_out is not None:
+                y += b_out[e]
+            if len(tk) > 1:
+                y_TKD[[t for t, _ in tk], [k for _, k in tk]] = y
+
+        # inline, not on the expert threads: a handful of matrix-vector products split over the cores
+        # (mv is memory bound) beat single-threaded ones handed to two workers (thread wake-up and the GIL
+        # cost more than the ~0.2 ms the products take; benchmarks/RESULTS.md, "decode")
+        for e, tk in slots.items():
+            expert(e, tk)
+        return y_TKD
 
     def _compiled(self, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, plan: DispatchPlan) -> Tensor:
         """The experts as one custom op (opaque to torch.compile, see "compiled" below)."""
@@ -282,30 +337,37 @@ class _ExpertThreads:
     with one thread or one active expert, run inline. The caller's grad and inference modes are
     carried into the workers (both are thread-local in PyTorch)."""
 
-    min_flops = 2e6
+    # below ~10 GFLOP per call (e.g. T=4096 tokens at d=192, F=256: 2.4 GFLOP) the per-expert GEMMs are so small
+    # that the workers' Python and hand-over cost more than a split GEMM loses (measured at d=192: 1.4x slower)
+    min_flops = 1e10
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._width = 0
         self._lock = threading.Lock()
 
-    def worthwhile(self, rows: int, widths: tuple[int, ...]) -> bool:
-        """Would a call of ``rows`` rows (widths: dim, ffn) run on the threads? (SwiGLU FLOPs estimate.)"""
-        flops = 6.0 * rows * math.prod(widths[:2]) if len(widths) >= 2 else 0.0
-        return torch.get_num_threads() >= 2 and flops >= self.min_flops
 
-    def map(self, task, spans: list[tuple[int, int, int]], flops: float) -> None:
+    def map(self, task, items: list[tuple], flops: float) -> None:
+        """task(*item) for every item; returns when all are done."""
+        self.start(task, items, flops)()
+
+    def start(self, task, items: list[tuple], flops: float):
+        """Start task(*item) for every item and return ``wait()``, which blocks until all are done and
+        re-raises a worker's exception. Inline (done before returning) when threads would not pay."""
         width = torch.get_num_threads()
-        if width < 2 or len(spans) < 2 or flops < self.min_flops:
-            for span in spans:
-                task(*span)
-            return
+        if width < 2 or len(items) < 2 or flops < self.min_flops:
+            for item in items:
+                task(*item)
+            return _done
         pool = self._workers(width)
         inference = torch.is_inference_mode_enabled()
         grad = torch.is_grad_enabled()
-        futures = [pool.submit(_run_in_worker, task, span, grad, inference) for span in spans]
-        for f in futures:
-            f.result()  # waits for all; re-raises a worker's exception here
+        futures = [pool.submit(_run_in_worker, task, item, grad, inference) for item in items]
+
+        def wait() -> None:
+            for f in futures:
+                f.result()
+        return wait
 
     def _workers(self, width: int) -> ThreadPoolExecutor:
         with self._lock:
@@ -329,9 +391,13 @@ class _ExpertThreads:
         self._pool, self._width, self._lock = None, 0, threading.Lock()  # a forked child has no workers
 
 
-def _run_in_worker(task, span: tuple[int, int, int], grad: bool, inference: bool) -> None:
+def _run_in_worker(task, item: tuple, grad: bool, inference: bool) -> None:
     with torch.inference_mode(inference), torch.set_grad_enabled(grad and not inference):
-        task(*span)
+        task(*item)
+
+
+def _done() -> None:
+    pass
 
 
 _EXPERT_THREADS = _ExpertThreads()
@@ -341,7 +407,7 @@ if hasattr(os, "register_at_fork"):
 
 class _ActSpec:
     """The activation of one experts call, computed into given buffers, with its hand-written backward
-    for SwiGLU and GELU (any other activation: autograd on the elementwise part only)."""
+    for SwiGLU and GELU (any other activation: a vector-Jacobian product of ``activate`` alone)."""
 
     __slots__ = ("name", "limit", "alpha", "F")
 
@@ -372,11 +438,44 @@ class _ActSpec:
             torch.ops.aten.silu_backward.grad_input(dA_AF, h_AI[:, :Fw], grad_input=dh_AI[:, :Fw])  # ... silu'(g)
         elif self.name == "gelu":
             torch.ops.aten.gelu_backward.grad_input(dA_AF, h_AI, grad_input=dh_AI)
-        else:
-            with torch.enable_grad():
-                hh_AI = h_AI.detach().requires_grad_(True)
-                (dh,) = torch.autograd.grad(activate(hh_AI, self.name, self.limit, self.alpha), hh_AI, dA_AF)
-            dh_AI.copy_(dh)
+        else:  # torch.func.vjp, not autograd.grad: it also works inside the custom op (below the autograd keys)
+            _, vjp = torch.func.vjp(lambda h: activate(h, self.name, self.limit, self.alpha), h_AI.detach())
+            dh_AI.copy_(vjp(dA_AF)[0])
+
+
+# bf16/fp16 GEMMs on the CPU are oneDNN primitives built (JIT-compiled) for each exact shape and cached
+# (1024 shapes by default). An expert's row count changes every step, so a GEMM over all n rows builds a new
+# primitive almost every call: ~1.2 ms against ~0.13 ms for a cached [1024, 192] x [192, 512] (measured,
+# benchmarks/RESULTS.md). Splitting the rows into a multiple of _ROW_BLOCK and a tail of < _ROW_BLOCK rows
+# keeps the distinct shapes to a few dozen per GEMM. fp32 goes to MKL, which compiles nothing per shape.
+_ROW_BLOCK = 32
+_JIT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _bulk_rows(n: int, t: Tensor) -> int:
+    return n - n % _ROW_BLOCK if t.dtype in _JIT_DTYPES and t.device.type == "cpu" else n
+
+
+def _mm_rows(a_nK: Tensor, w_KN: Tensor, out_nN: Tensor) -> None:
+    """out = a @ w for one expert's rows (bulk + tail, see _ROW_BLOCK)."""
+    n = a_nK.shape[0]
+    bulk = _bulk_rows(n, a_nK)
+    if bulk:
+        torch.mm(a_nK[:bulk], w_KN, out=out_nN[:bulk])
+    if bulk < n:
+        torch.mm(a_nK[bulk:], w_KN, out=out_nN[bulk:])
+
+
+def _mm_weight(a_nM: Tensor, b_nN: Tensor, out_MN: Tensor) -> None:
+    """out = a^T b over one expert's rows: a weight gradient (bulk, then the tail accumulated)."""
+    n = a_nM.shape[0]
+    bulk = _bulk_rows(n, a_nM)
+    if bulk:
+        torch.mm(a_nM[:bulk].t(), b_nN[:bulk], out=out_MN)
+        if bulk < n:
+            out_MN.addmm_(a_nM[bulk:].t(), b_nN[bulk:])
+    else:
+        torch.mm(a_nM.t(), b_nN, out=out_MN)
 
 
 def _flops(A: int, w_in_EID: Tensor, w_out_EDF: Tensor) -> float:
@@ -406,11 +505,19 @@ def _experts_forward(x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI:
 
     def expert(e: int, start: int, n: int) -> None:
         rows = slice(start, start + n)
-        h = torch.mm(x_AD[rows], w_in_EID[e].t(), out=h_AI[rows])
+        if n == 1:  # decode: a matrix-vector product (bf16 mv reads the weights ~1.3x faster than mm on the CPU)
+            torch.mv(w_in_EID[e], x_AD[start], out=h_AI[start])
+        else:
+            _mm_rows(x_AD[rows], w_in_EID[e].t(), h_AI[rows])
+        h = h_AI[rows]
         if b_in_EI is not None:
             h += b_in_EI[e]
         act.forward_into(h, a_AF[rows], None if s_AF is None else s_AF[rows])
-        y = torch.mm(a_AF[rows], w_out_EDF[e].t(), out=y_AD[rows])
+        if n == 1:
+            torch.mv(w_out_EDF[e], a_AF[start], out=y_AD[start])
+        else:
+            _mm_rows(a_AF[rows], w_out_EDF[e].t(), y_AD[rows])
+        y = y_AD[rows]
         if b_out_ED is not None:
             y += b_out_ED[e]
 
@@ -448,16 +555,16 @@ def _experts_backward(dy_AD: Tensor, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: 
 
     def expert(e: int, start: int, n: int) -> None:
         rows = slice(start, start + n)
-        dy = dy_AD[rows]
-        dA = torch.mm(dy, w_out_EDF[e], out=dA_AF[rows])
+        dy, dA = dy_AD[rows], dA_AF[rows]
+        _mm_rows(dy, w_out_EDF[e], dA)
         if dw_out is not None:
-            torch.mm(dy.t(), a_AF[rows], out=dw_out[e])
+            _mm_weight(dy, a_AF[rows], dw_out[e])
         dh = dh_AI[rows]
         act.backward_into(dA, h_AI[rows], None if s_AF is None else s_AF[rows], dh)
         if dx is not None:
-            torch.mm(dh, w_in_EID[e], out=dx[rows])
+            _mm_rows(dh, w_in_EID[e], dx[rows])
         if dw_in is not None:
-            torch.mm(dh.t(), x_AD[rows], out=dw_in[e])
+            _mm_weight(dh, x_AD[rows], dw_in[e])
         if db_in is not None:
             torch.sum(dh, 0, out=db_in[e])
         if db_out is not None:
@@ -604,13 +711,15 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
     """``widths``: the feature widths the experts multiply (dim, expert ffn width), for grouped_mm's alignment;
     ``rows``: the sorted rows of the call (None: unknown).
 
-    auto: on the CPU, the loop backend with expert threads whenever they can run (two or more intra-op
-    threads, a call above ``_ExpertThreads.min_flops``): benchmarks/RESULTS.md measures it fastest there.
-    Otherwise grouped where grouped_mm works (CUDA: one grouped GEMM per stage, no host sync), else loop.
+    auto: on the CPU, the loop backend for any call of real size (bf16 GEMM shapes the oneDNN cache keeps,
+    see _ROW_BLOCK; the expert threads for large calls, see _ExpertThreads): benchmarks/RESULTS.md measures
+    it fastest there. Otherwise grouped where grouped_mm works (CUDA: one grouped GEMM per stage, no host
+    sync), else loop.
     """
     aligned = grouped_mm_aligned(dtype, widths)
     if requested == "auto":
-        if device.type == "cpu" and rows is not None and _EXPERT_THREADS.worthwhile(rows, widths):
+        # (SwiGLU FLOPs of the call; below, e.g. the tests' toy layers, grouped_mm's single call is cheaper)
+        if device.type == "cpu" and rows is not None and len(widths) >= 2 and 6.0 * rows * widths[0] * widths[1] >= 2e5:
             chosen = "loop"
         else:
             chosen = "grouped" if aligned and grouped_mm_available(device, dtype) else "loop"

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.dispatch import DispatchPlan, gather_rows, plan_dispatch
 from moekit.experts import MLP, Experts
-from moekit.losses import router_z_loss, seq_aux_loss, switch_aux_loss
+from moekit.losses import expert_counts, router_z_loss, seq_aux_loss, switch_aux_loss
 from moekit.router import Router, RoutingResult
 
 
@@ -63,22 +63,40 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> MoEOutput:
         if self.experts.backend == "compiled" and not torch.compiler.is_compiling():
             return _compiled_forward()(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> MoEOutput:
         x_TD = x.reshape(-1, self.dim)
         routing = self.router(x_TD)                                     # route
+        if (self.dispatcher is None and self.config.capacity_factor is None
+                and self.experts.decode_eligible(x_TD, self.config.top_k)):
+            return self._decode(x, x_TD, routing)
         plan = plan_dispatch(routing, self.config)                      # dispatch: sort rows by expert
-        x_AD = gather_rows(x_TD, plan)
+        x_AD = gather_rows(self.experts.cast_input(x_TD), plan)         # cast before the copy (K x smaller)
         if self.dispatcher is None:
             y_AD = self.experts(x_AD, plan)                             # experts on contiguous slices
         else:
             y_AD = self.dispatcher(x_AD, plan, self.experts)            # ... on the ranks holding them
-        out_TD = combine(y_AD, plan).to(x.dtype)                        # weighted sum back per token
+        out_TD = self._add_shared(combine(y_AD, plan).to(x.dtype), x_TD)  # weighted sum back per token
+        aux_loss, z_loss, lb_loss = self._losses(routing, x.shape)
+        return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, routing_stats(routing, plan, lb_loss))
+
+    def _add_shared(self, out_TD: Tensor, x_TD: Tensor) -> Tensor:
         if self.shared is not None:                                     # always-on shared experts
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD.to(out_TD.dtype)
+        return out_TD
+
+    def _decode(self, x: Tensor, x_TD: Tensor, routing: RoutingResult) -> MoEOutput:
+        """Inference on a few tokens (generation), dropless: no dispatch plan, no sort, no gathers (the
+        same values as ``_forward``; tests/test_perf_paths.py)."""
+        out_TD = _weighted_sum(self.experts.decode(x_TD, routing.topk_idx_TK), routing.topk_weight_TK).to(x.dtype)
         aux_loss, z_loss, lb_loss = self._losses(routing, x.shape)
-        return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, routing_stats(routing, plan, lb_loss))
+        routed_E = expert_counts(routing.topk_idx_TK, self.config.n_experts)
+        stats = routing_stats(routing, _DroplessCounts(routed_E, routed_E, routed_E.new_zeros(())), lb_loss)
+        return MoEOutput(self._add_shared(out_TD, x_TD).view(x.shape), aux_loss, z_loss, stats)
 
     def _losses(self, routing: RoutingResult, shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.config
@@ -95,24 +113,30 @@ class MoE(nn.Module):
         return aux_loss, z_loss, lb_loss.detach()
 
 
+@dataclass
+class _DroplessCounts:
+    """The part of a ``DispatchPlan`` that ``routing_stats`` reads, for the plan-free decode path."""
+
+    routed_per_expert_E: Tensor
+    kept_per_expert_E: Tensor
+    dropped_frac: Tensor
+
+
 @functools.cache
 def _compiled_forward():
-    """backend="compiled": ``MoE.forward`` through torch.compile, one compiled function for every layer (the
+    """backend="compiled": ``MoE._forward`` through torch.compile, one compiled function for every layer (the
     parameters are graph inputs). The experts are an opaque custom op there (``moekit.experts``), so the
     graph depends on the token count only, never on the per-expert row counts: it compiles once for the
     first T and once more, with a dynamic T, if T changes; routing changes never recompile."""
-    return torch.compile(MoE.forward)
+    return torch.compile(MoE._forward)
 
 
 def combine(y_AD: Tensor, plan: DispatchPlan) -> Tensor:
     """Put rows back in (token, k) order and take the weighted sum over k: out_t = sum_k w_tk y_tk."""
     if torch.is_grad_enabled() and (y_AD.requires_grad or plan.weight_A.requires_grad):
-        return _Combine.apply(y_AD, plan.weight_A, plan.inverse_A, plan.order_A, plan.n_tokens, plan.top_k)
-    return _weighted_sum(*_to_token_order(y_AD, plan.weight_A, plan.inverse_A, plan.n_tokens, plan.top_k))
-
-
-def _to_token_order(y_AD: Tensor, weight_A: Tensor, inverse_A: Tensor, T: int, K: int) -> tuple[Tensor, Tensor]:
-    return y_AD.index_select(0, inverse_A).view(T, K, -1), weight_A.index_select(0, inverse_A).view(T, K)
+        return _Combine.apply(y_AD, plan.weight_A, plan.token_idx_A, plan.inverse_A, plan.n_tokens, plan.top_k)
+    T, K = plan.n_tokens, plan.top_k
+    return _weighted_sum(y_AD.index_select(0, plan.inverse_A).view(T, K, -1), plan.weight_A[plan.inverse_A].view(T, K))
 
 
 def _weighted_sum(y_TKD: Tensor, w_TK: Tensor) -> Tensor:
@@ -125,35 +149,24 @@ def _weighted_sum(y_TKD: Tensor, w_TK: Tensor) -> Tensor:
 
 
 class _Combine(torch.autograd.Function):
-    """``combine`` with a backward that puts the row gradients back in sorted order by a gather with
-    ``order_A`` (the inverse permutation) instead of autograd's zero-filled ``index_put_``."""
+    """``combine`` with a backward that stays in sorted-row order: dy_a = w_a g_t(a) and dw_a = <y_a, g_t(a)>
+    from one gather of g, instead of autograd's [T, K, D] temporaries and zero-filled ``index_put_``."""
 
     @staticmethod
-    def forward(ctx, y_AD, weight_A, inverse_A, order_A, T, K):
-        y_TKD, w_TK = _to_token_order(y_AD, weight_A, inverse_A, T, K)
-        ctx.save_for_backward(y_TKD, w_TK, inverse_A, order_A)
-        return _weighted_sum(y_TKD, w_TK)
+    def forward(ctx, y_AD, weight_A, token_idx_A, inverse_A, T, K):
+        ctx.save_for_backward(y_AD, weight_A, token_idx_A)
+        return _weighted_sum(y_AD.index_select(0, inverse_A).view(T, K, -1), weight_A[inverse_A].view(T, K))
 
     @staticmethod
     def backward(ctx, g_TD):
-        y_TKD, w_TK, inverse_A, order_A = ctx.saved_tensors
-        T, K, D = y_TKD.shape
-        dy_AD = dw_A = None
-        if ctx.needs_input_grad[0]:
-            dy_TKD = g_TD.unsqueeze(1) * w_TK.to(g_TD.dtype).unsqueeze(2)
-            dy_AD = _to_sorted_order(dy_TKD.view(T * K, D), inverse_A, order_A)
+        y_AD, weight_A, token_idx_A = ctx.saved_tensors
+        g_AD = g_TD.to(y_AD.dtype).index_select(0, token_idx_A)
+        dw_A = None
         if ctx.needs_input_grad[1]:
-            # products and sum in y's dtype (the sum accumulates in fp32); an fp32 upcast of [T, K, D] costs more
-            dw_TK = (y_TKD * g_TD.unsqueeze(1).to(y_TKD.dtype)).sum(-1).to(w_TK.dtype)
-            dw_A = _to_sorted_order(dw_TK.view(T * K), inverse_A, order_A)
+            # products and sum in y's dtype (the sum accumulates in fp32); an fp32 upcast of [A, D] costs more
+            dw_A = (y_AD * g_AD).sum(-1).to(weight_A.dtype)
+        dy_AD = g_AD.mul_(weight_A.to(g_AD.dtype).unsqueeze(1)) if ctx.needs_input_grad[0] else None
         return dy_AD, dw_A, None, None, None, None
-
-
-def _to_sorted_order(v_A: Tensor, inverse_A: Tensor, order_A: Tensor | None) -> Tensor:
-    """v in (t, k) order -> sorted-row order: v_sorted[inverse_A[a]] = v[a]."""
-    if order_A is not None:
-        return v_A.index_select(0, order_A)
-    return torch.empty_like(v_A).index_copy_(0, inverse_A, v_A)
 
 
 @torch.no_grad()

@@ -116,7 +116,15 @@ def write_report(results: dict[str, Any], out: Path, plots: bool = True) -> Path
         who = "the MoE model overtakes" if cross["direction"] == "moe_overtakes" else "the dense model overtakes"
         lines.append(f"- Crossover: {who} at about {format_count(cross['tokens'])} tokens.")
     else:
-        lines.append("- The validation curves do not cross within the budget.")
+        pairs = [(a["val_loss"], b["val_loss"]) for a, b in
+                 zip(models.get("moe", {}).get("curve", []), models.get("dense_active", {}).get("curve", []))]
+        if pairs and all(a < b for a, b in pairs):
+            lines.append("- The validation curves do not cross: the MoE model is ahead at every validation point.")
+        elif pairs and all(a > b for a, b in pairs):
+            lines.append("- The validation curves do not cross: the dense-active model is ahead at every validation "
+                         "point.")
+        else:
+            lines.append("- The validation curves do not cross within the budget.")
     if plots:
         lines += ["", "## Plots", "",
                   "![validation loss vs tokens](loss_vs_tokens.png)",

@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""End to end: training and decode tokens/s of an MoE model against its dense-active twin.
+
+    python3 benchmarks/train_throughput.py            # preset "small", batch 16 x 256 tokens, bf16 autocast
+    python3 benchmarks/train_throughput.py --quick    # smoke run: 2 rounds, short decode
+    python3 benchmarks/train_throughput.py --compiled # also the MoE model with backend="compiled"
+
+Writes ``benchmarks/results/train_throughput.json`` and prints the tables.
+
+Models: ``moekit.presets.get_preset(preset)`` and ``moekit.costs.dense_twin(cfg, "active")``, the dense
+model with the MoE model's ACTIVE parameter count (same attention, one FFN per layer of the matching
+width). Training step = the trainer's step (``moekit.train``): lr set, forward with targets under
+bf16 autocast, ``loss.backward()``, one host read of the losses, grad clipping, AdamW (the trainer's
+``make_optimizer``), ``zero_grad(set_to_none=True)``, the router-bias update. Data: random token ids
+(the data pipeline is not what is measured). Decode: greedy generation with the KV cache, batch 1
+(``moekit.generate.sample_tokens``), after a prefill of ``--prompt`` tokens, in the model's fp32 weights
+(as ``moekit generate`` runs) and in bf16 weights.
+
+Method: both models (and the compiled variant) are timed in ONE process, interleaved round by round
+(order rotating); reported: median tokens/s and the median over rounds of the per-round ratio
+MoE / dense. The script re-executes itself with ``moekit.cli.ALLOCATOR_ENV`` like the moekit CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from moekit.cli import _tune_allocator  # noqa: E402  (stdlib only: imported before torch)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe_layer import interleaved, load_now, machine  # noqa: E402
+
+
+def make_step(model, tc, data_gen, vocab: int):
+    """One optimizer step of ``moekit.train.train`` (no accumulation, no logging, no eval)."""
+    import torch
+
+    from moekit.train import autocast_ctx, lr_at, make_optimizer
+
+    device = torch.device("cpu")
+    opt = make_optimizer(model, tc)
+    n_moe = len(model.moe_layers)
+    state = {"step": 0}
+
+    def step() -> float:
+        lr = lr_at(state["step"], tc)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        x = torch.randint(0, vocab, (tc.batch_size, tc.seq_len), generator=data_gen)
+        y = torch.randint(0, vocab, (tc.batch_size, tc.seq_len), generator=data_gen)
+        with autocast_ctx(device, tc):
+            out = model(x, y)
+        out.loss.backward()
+        loss = float(out.loss.detach())  # the trainer's one host read per step
+        if not math.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {loss}")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if n_moe:
+            model.update_router_biases([s.routed_per_expert for s in out.stats if s is not None])
+        state["step"] += 1
+        return loss
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per model per round")
+    p.add_argument("--rounds", type=int, help="timed rounds (default 7)")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
+    p.add_argument("--decode-tokens", type=int, help="decoded tokens per sample (default 64)")
+    p.add_argument("--compiled", action="store_true", help="add the MoE model with backend='compiled'")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
+    args = p.parse_args()
+    _tune_allocator([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]])
+
+    import torch
+
+    from moekit.costs import costs, dense_twin
+    from moekit.experts import select_backend
+    from moekit.generate import sample_tokens
+    from moekit.model import Transformer
+    from moekit.presets import get_preset
+    from moekit.train import TrainConfig
+
+    rounds = args.rounds or (2 if args.quick else 7)
+    n_decode = args.decode_tokens or (16 if args.quick else 64)
+    cfg = get_preset(args.preset)
+    twin = dense_twin(cfg, "active")
+    tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, steps=10**6, warmup_steps=10)
+    configs = {"moe": cfg, "dense-active": twin}
+    if args.compiled:
+        configs["moe-compiled"] = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, backend="compiled"))
+    models, steps, gens = {}, {}, {}
+    for name, c in configs.items():
+        torch.manual_seed(0)
+        models[name] = Transformer(c).train()
+        gens[name] = torch.Generator().manual_seed(1)
+        steps[name] = make_step(models[name], tc, gens[name], c.vocab_size)
+    info = {n: {"params": costs(c).total_params, "active_params": costs(c).active_params, "ffn_dim": c.ffn_dim}
+            for n, c in configs.items()}
+    T = tc.batch_size * tc.seq_len
+    auto = select_backend("auto", torch.device("cpu"), torch.bfloat16,
+                          widths=(cfg.dim, cfg.moe.expert_ffn_dim or cfg.ffn_dim), rows=T * cfg.moe.top_k)
+    print(f"train throughput: preset {args.preset} ({info['moe']['active_params'] / 1e6:.2f}M active of "
+          f"{info['moe']['params'] / 1e6:.2f}M) vs dense twin ffn_dim={twin.ffn_dim} "
+          f"({info['dense-active']['params'] / 1e6:.2f}M); {T} tokens/step, bf16 autocast; "
+          f"experts backend auto -> {auto}; {torch.get_num_threads()} threads")
+
+    compile_s = None
+    if "moe-compiled" in steps:
+        t0 = time.perf_counter()
+        steps["moe-compiled"]()
+        compile_s = time.perf_counter() - t0
+
+    def run_steps(fn):
+        return lambda: [fn() for _ in range(args.steps)]
+
+    load0 = load_now()
+    times = interleaved({n: run_steps(f) for n, f in steps.items()}, rounds, warmup=1)
+    tok_s = {n: [args.steps * T / t for t in v] for n, v in times.items()}
+    train = {"tokens_per_step": T, "steps_per_sample": args.steps, "rounds": rounds, "load_before": load0,
+             "load_after": load_now(), "tokens_per_s": {n: statistics.median(v) for n, v in tok_s.items()},
+             "ratio_to_dense": {n: statistics.median(a / b for a, b in zip(tok_s[n], tok_s["dense-active"]))
+                                for n in tok_s},
+             "samples_tokens_per_s": tok_s, "compile_s": compile_s}
+    print(f"\ntraining ({rounds} rounds x {args.steps} steps; load {load0['loadavg_1m']} -> "
+          f"{train['load_after']['loadavg_1m']})")
+    print(f"  {'model':14s} {'tokens/s':>10s} {'/dense-active':>14s}")
+    for n, v in train["tokens_per_s"].items():
+        print(f"  {n:14s} {v:10.0f} {train['ratio_to_dense'][n]:14.3f}")
+    if compile_s is not None:
+        print(f"  moe-compiled: first step (compiles) {compile_s:.1f} s")
+
+    decode = {}
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(5)).tolist()
+    for wdtype in ("fp32", "bf16"):
+        dmodels = {n: copy.deepcopy(m).eval() for n, m in models.items() if n != "moe-compiled"}
+        if wdtype == "bf16":
+            dmodels = {n: m.to(torch.bfloat16) for n, m in dmodels.items()}
+
+        def gen(m):
+            def f():
+                out = list(sample_tokens(m, prompt, max_new_tokens=n_decode, temperature=0.0))
+                assert len(out) == n_decode
+            return f
+
+        load0 = load_now()
+        dtimes = interleaved({n: gen(m) for n, m in dmodels.items()}, rounds, warmup=1)
+        dtok = {n: [n_decode / t for t in v] for n, v in dtimes.items()}  # includes the prefill of the prompt
+        decode[wdtype] = {"prompt": args.prompt, "new_tokens": n_decode, "load_before": load0,
+                          "tokens_per_s": {n: statistics.median(v) for n, v in dtok.items()},
+                          "ratio_to_dense": {n: statistics.median(a / b for a, b in zip(dtok[n], dtok["dense-active"]))
+                                             for n in dtok},
+                          "samples_tokens_per_s": dtok}
+        print(f"\ndecode, {wdtype} weights (prompt {args.prompt}, {n_decode} new tokens, batch 1, KV cache; "
+              f"load {load0['loadavg_1m']})")
+        print(f"  {'model':14s} {'tokens/s':>10s} {'/dense-active':>14s}")
+        for n, v in decode[wdtype]["tokens_per_s"].items():
+            print(f"  {n:14s} {v:10.1f} {decode[wdtype]['ratio_to_dense'][n]:14.3f}")
+
+    out = {"machine": machine(), "argv": sys.argv, "preset": args.preset, "models": info, "auto_backend": auto,
+           "train": train, "decode": decode, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""The fast execution paths against the float64 reference (tests/reference.py): the expert threads of the
+loop backend (two intra-op threads, every call threaded), the decode path (one row per expert: mv), and
+the compiled backend (torch.compile of the layer, experts as a custom op); forward AND gradients, in
+dropless and capacity modes, with empty experts and a single token. Then the reused buffers: poisoned
+between calls, they never change a result; nothing a call returns or saves for backward lives in them.
+
+Gradients are checked as in tests/test_backends.py: a directional derivative of the reference (central
+differences of ``ref_moe`` along a random direction in (x, parameters)) against the autograd gradients,
+and every gradient against the float64 plain-autograd experts (``ffn`` per expert slice).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from reference import ref_moe, state_dict64
+
+import moekit.experts as experts_mod
+from moekit.config import MoEConfig
+from moekit.experts import _SCRATCH, ffn, release_scratch, select_backend
+from moekit.moe import MoE
+
+F64, F32 = torch.float64, torch.float32
+D, E, K, FW = 8, 6, 2, 4
+MODES = {
+    "dropless": dict(),
+    "cap-position": dict(capacity_factor=0.75),
+    "cap-reroute": dict(capacity_factor=0.75, overflow_policy="reroute"),
+}
+CASES = {
+    # name: (x shape, MoEConfig overrides, router bias or None)
+    "generic": ((2, 6), dict(n_shared_experts=1, shared_expert_gate=True, z_loss_coef=1e-2), None),
+    # experts 1 and 3 are never chosen by the router
+    "empty": ((3, 4), dict(score_func="sigmoid", activation="gelu", aux_loss_coef=0.1),
+              [0.0, -40.0, 0.0, -40.0, 0.0, 0.0]),
+    "T1": ((1,), dict(z_loss_coef=1e-2), None),
+    "bias-clamped": ((2, 5), dict(activation="swiglu_clamped", ffn_bias=True, swiglu_limit=1.5), None),
+}
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Two intra-op threads and every call on the expert threads (conftest runs tests single-threaded)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(experts_mod._EXPERT_THREADS, "min_flops", 0.0)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()  # every test's layer config compiles afresh, far from the recompile limit
+    yield
+    torch._dynamo.reset()
+
+
+def _layer(backend: str, seed: int = 0, dim: int = D, ffn_dim: int = FW, router_bias=None, **kw) -> MoE:
+    cfg = MoEConfig(n_experts=E, top_k=K, expert_ffn_dim=ffn_dim, backend=backend,
+                    router_bias=router_bias is not None, **kw)
+    torch.manual_seed(seed)
+    layer = MoE(dim, cfg)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.normal_(0.0, (1.5 if name.startswith(("router", "shared_gate")) else 1.0) / math.sqrt(p.shape[-1]))
+        if router_bias is not None:
+            layer.router.bias.copy_(torch.tensor(router_bias))
+    return layer.double()
+
+
+def _x(shape, seed: int = 1, dim: int = D) -> torch.Tensor:
+    return torch.randn(*shape, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _run(layer: MoE, x: torch.Tensor, g: torch.Tensor):
+    x = x.detach().clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    res = layer(x)
+    ((res.out * g).sum() + res.aux_loss + res.z_loss).backward()
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in layer.named_parameters()}
+    return res, x.grad, grads
+
+
+def _autograd_experts(self, x_AD, plan):
+    """The experts as plain autograd over ``ffn`` on each expert's slice: the oracle for gradients."""
+    w_in, w_out = self.w_in.to(x_AD.dtype), self.w_out.to(x_AD.dtype)
+    b_in, b_out = self._biases(x_AD.dtype)
+    outs = []
+    for e, chunk in enumerate(x_AD.split(plan.rows_per_expert_E.tolist())):
+        outs.append(ffn(chunk, w_in[e], w_out[e], self.activation, None if b_in is None else b_in[e],
+                        None if b_out is None else b_out[e], self.limit, self.alpha))
+    return torch.cat(outs)
+
+
+def _check(layer64: MoE, layer: MoE, shape, dtype=F64):
+    """Forward vs ref_moe, the directional derivative vs the reference, every gradient vs plain autograd."""
+    x64, g64 = _x(shape, dim=layer64.dim), _x(shape, seed=2, dim=layer64.dim)
+    ref = ref_moe(x64, state_dict64(layer64), layer64.config)
+    res, gx, grads = _run(layer, x64.to(dtype), g64.to(dtype))
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == F64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(res.out.double(), ref.out, **tol)
+    torch.testing.assert_close(res.aux_loss.double(), ref.aux_loss, **tol)
+    torch.testing.assert_close(res.stats.tokens_per_expert.double(), ref.dispatch.tokens_per_expert)
+
+    gen = torch.Generator().manual_seed(3)
+    vx = torch.randn(x64.shape, generator=gen, dtype=F64)
+    sd = state_dict64(layer64)
+    vp = {n: torch.randn(p.shape, generator=gen, dtype=F64) for n, p in layer64.named_parameters()}
+
+    def objective(s: float) -> float:
+        sd_s = {k: (v + s * vp[k] if k in vp else v) for k, v in sd.items()}
+        r = ref_moe(x64 + s * vx, sd_s, layer64.config)
+        return float((r.out * g64).sum() + r.aux_loss + r.z_loss)
+
+    numeric = (objective(1e-5) - objective(-1e-5)) / 2e-5
+    analytic = float((gx.double() * vx).sum() + sum((grads[n].double() * vp[n]).sum() for n in vp))
+    assert analytic == pytest.approx(numeric, rel=1e-6 if dtype == F64 else 1e-4, abs=1e-7 if dtype == F64 else 1e-4)
+
+    oracle = copy.deepcopy(layer64)
+    oracle.experts.backend = "loop"
+    oracle.experts.forward = _autograd_experts.__get__(oracle.experts)
+    _, gx64, grads64 = _run(oracle, x64, g64)
+    torch.testing.assert_close(gx.double(), gx64, **tol)
+    for n in grads64:
+        torch.testing.assert_close(grads[n].double(), grads64[n], **tol, msg=lambda m, n=n: f"{n}: {m}")
+    return res, grads
+
+
+# ---------------------------------------------------------------------------------------------- expert threads
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_expert_threads_match_reference(two_threads, mode, case):
+    shape, kw, bias = CASES[case]
+    layer64 = _layer("loop", router_bias=bias, **kw, **MODES[mode])
+    res, grads = _check(layer64, copy.deepcopy(layer64), shape)
+    if case == "empty" and mode != "cap-reroute":  # experts nobody chose: exactly zero gradient
+        for e in (1, 3):
+            assert float(grads["experts.w_in"][e].abs().max()) == 0.0
+            assert float(grads["experts.w_out"][e].abs().max()) == 0.0
+
+
+def test_expert_threads_carry_inference_and_grad_mode(two_threads):
+    layer = _layer("loop")
+    x = _x((3, 5))
+    with torch.no_grad():
+        ref = layer(x).out
+    with torch.inference_mode():  # buffers made in inference mode are written by the workers
+        out = layer(x).out
+    assert torch.equal(out, ref)
+    assert out.is_inference()
+
+
+def test_single_row_experts_use_the_decode_path(two_threads):
+    """T=1: every active expert has one row (torch.mv); also one token per expert at T=3 (rows differ)."""
+    for shape in [(1,), (1, 1, 3)]:
+        layer64 = _layer("loop", n_shared_experts=1)
+        _check(layer64, copy.deepcopy(layer64), shape)
+
+
+def test_threads_fp32_close_to_float64(two_threads):
+    layer64 = _layer("loop", n_shared_experts=1, dim=16, ffn_dim=8)
+    _check(layer64, copy.deepcopy(layer64).float(), (3, 7), dtype=F32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_row_blocks_match_fp32(monkeypatch, threads):
+    """bf16 GEMMs split each expert's rows into a multiple of _ROW_BLOCK and a tail (bulk, tail and
+    tail-only experts all occur here): close to the same layer in fp32, forward and every gradient."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    monkeypatch.setattr(experts_mod._EXPERT_THREADS, "min_flops", 0.0)
+    try:
+        layer = _layer("loop", dim=16, ffn_dim=8, n_shared_experts=1, ffn_bias=True).float()
+        x, g = _x((5, 23), dim=16).float(), _x((5, 23), seed=2, dim=16).float()
+        res32, gx32, grads32 = _run(layer, x, g)
+        rows = res32.stats.tokens_per_expert
+        assert float(rows.max()) > experts_mod._ROW_BLOCK and float(rows.min()) < experts_mod._ROW_BLOCK
+        layer16 = copy.deepcopy(layer).to(torch.bfloat16)
+        res16, gx16, grads16 = _run(layer16, x.bfloat16(), g.bfloat16())
+
+        def rel(a, b):
+            return float((a.float() - b).norm() / b.norm())
+
+        assert rel(res16.out, res32.out) < 2e-2
+        assert rel(gx16, gx32) < 3e-2
+        for name in ("experts.w_in", "experts.w_out", "experts.b_in", "experts.b_out"):
+            assert rel(grads16[name], grads32[name]) < 3e-2, name
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_auto_prefers_the_loop_backend_on_cpu_for_real_sizes():
+    cpu = torch.device("cpu")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert select_backend("auto", cpu, F32, widths=(512, 1408), rows=8192) == "loop"
+        assert select_backend("auto", cpu, F32, widths=(8, 4), rows=10) == "grouped"  # tiny: not worth threads
+        assert select_backend("auto", cpu, F32, widths=(512, 1408)) == "grouped"  # rows unknown
+        torch.set_num_threads(1)  # inline, but still the loop flavour (its bf16 GEMM shapes stay cached)
+        assert select_backend("auto", cpu, F32, widths=(512, 1408), rows=8192) == "loop"
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", ["generic", "empty", "T1", "bias-clamped"])
+def test_decode_path_matches_reference_and_general_path(monkeypatch, threads, case):
+    """Inference on <= DECODE_MAX_ROWS rows skips the dispatch plan (``MoE._decode``): same output, losses
+    and statistics as the general path and the reference."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    monkeypatch.setattr(experts_mod._EXPERT_THREADS, "min_flops", 0.0)
+    try:
+        shape, kw, bias = CASES[case]
+        layer = _layer("loop", router_bias=bias, **kw)
+        calls = []
+        original = MoE._decode
+        monkeypatch.setattr(MoE, "_decode", lambda self, *a: calls.append(1) or original(self, *a))
+        for T in (1, 3, 8):
+            x = _x((T,), seed=T)
+            calls.clear()
+            with torch.no_grad():
+                fast = layer(x)
+            assert calls, "the decode path did not run"
+            general = layer(x)  # grad enabled: the general path
+            ref = ref_moe(x, state_dict64(layer), layer.config)
+            torch.testing.assert_close(fast.out, ref.out, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(fast.out, general.out.detach(), rtol=1e-12, atol=1e-13)
+            for name in ("aux_loss", "z_loss"):
+                torch.testing.assert_close(getattr(fast, name), getattr(general, name).detach())
+            for f in ("tokens_per_expert", "routed_per_expert", "load_imbalance", "dropped_frac", "router_entropy",
+                      "dead_experts", "lb_loss"):
+                torch.testing.assert_close(getattr(fast.stats, f), getattr(general.stats, f), msg=f)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_decode_path_not_taken_with_capacity_or_grad():
+    layer = _layer("loop", capacity_factor=1.0)
+    x = _x((1,))
+    with torch.no_grad():
+        assert layer.experts.decode_eligible(x, K)  # the experts could, but capacity mode keeps the plan
+        torch.testing.assert_close(layer(x).out, ref_moe(x, state_dict64(layer), layer.config).out)
+    assert not layer.experts.decode_eligible(x, K)  # parameters need gradients
+    layer.experts.backend = "grouped"
+    with torch.no_grad():
+        assert not layer.experts.decode_eligible(x, K)  # an explicit backend is honoured
+
+
+# ---------------------------------------------------------------------------------------------- compiled
+@pytest.mark.parametrize("case,mode", [("generic", "dropless"), ("empty", "cap-position"), ("T1", "dropless"),
+                                       ("bias-clamped", "cap-reroute")])
+def test_compiled_backend_matches_reference(fresh_dynamo, case, mode):
+    shape, kw, bias = CASES[case]
+    layer64 = _layer("loop", router_bias=bias, **kw, **MODES[mode])
+    layer = copy.deepcopy(layer64)
+    layer.experts.backend = "compiled"
+    _check(layer64, layer, shape)
+
+
+def test_compiled_backend_does_not_recompile_when_routing_changes(fresh_dynamo):
+    layer = _layer("compiled").float()
+    layer(_x((4, 6)).float().requires_grad_()).out.sum().backward()  # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(2, 6):  # other tokens, other expert loads (incl. empty experts), same T
+            x = (_x((4, 6), seed=seed) * (1 + seed)).float().requires_grad_()
+            res = layer(x)
+            res.out.sum().backward()
+            assert float(res.stats.tokens_per_expert.sum()) == 4 * 6 * K
+
+
+# ---------------------------------------------------------------------------------------------- buffers
+def _poison_scratch(value: float = float("nan")) -> int:
+    for buf in _SCRATCH.buffers.values():
+        buf.fill_(value)
+    return len(_SCRATCH.buffers)
+
+
+@pytest.mark.parametrize("backend", ["loop", "loop-threads", "grouped", "compiled"])
+def test_poisoned_buffers_never_change_results(request, backend):
+    if backend == "loop-threads":
+        request.getfixturevalue("two_threads")
+    if backend == "compiled":
+        request.getfixturevalue("fresh_dynamo")
+    real = "loop" if backend == "loop-threads" else backend
+    layer = _layer(real, n_shared_experts=1, dim=16, ffn_dim=8).float()
+    x, g = _x((3, 7), dim=16).float(), _x((3, 7), seed=2, dim=16).float()
+    release_scratch()
+    first, gx1, grads1 = _run(layer, x, g)
+    with torch.no_grad():
+        inf1 = layer(x).out
+    assert _poison_scratch() >= 1  # the backward used the pool
+    second, gx2, grads2 = _run(layer, x, g)
+    _poison_scratch()
+    with torch.no_grad():
+        inf2 = layer(x).out
+    _poison_scratch(1e30)
+    # results of earlier calls are not views of the pool either: poisoning did not touch them
+    for a, b in [(first.out, second.out), (gx1, gx2), (inf1, inf2)] + [(grads1[n], grads2[n]) for n in grads1]:
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_buffers_shrinking_and_growing_calls(two_threads):
+    """A large call leaves large buffers; a smaller call after it (and a larger again) must not read stale rows."""
+    layer = _layer("loop", dim=16, ffn_dim=8).float()
+    xs = [_x(s, seed=i, dim=16).float() for i, s in enumerate([(40,), (3,), (1,), (64,)])]
+    fresh = []
+    for x in xs:
+        release_scratch()
+        fresh.append(_run(layer, x, torch.ones_like(x)))
+    for x, (res, gx, grads) in zip(xs, fresh):
+        _poison_scratch()
+        r, g2, gr = _run(layer, x, torch.ones_like(x))
+        assert torch.equal(r.out, res.out) and torch.equal(g2, gx)
+        assert all(torch.equal(gr[n], grads[n]) for n in grads)
+
+
+def test_two_graphs_alive_share_no_saved_tensors(two_threads):
+    """Gradient accumulation: two forwards before their backwards; the first graph's saved tensors must
+    survive the second forward and backward (nothing saved for backward lives in the pool)."""
+    layer = _layer("loop", dim=16, ffn_dim=8).float()
+    xa, xb = _x((5, 3), dim=16).float(), _x((5, 3), seed=7, dim=16).float()
+    ref = {}
+    for name, x in (("a", xa), ("b", xb)):
+        layer.zero_grad(set_to_none=True)
+        layer(x).out.sum().backward()
+        ref[name] = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad(set_to_none=True)
+    out_a, out_b = layer(xa).out, layer(xb).out
+    out_b.sum().backward()
+    _poison_scratch()
+    out_a.sum().backward()
+    for n, p in layer.named_parameters():
+        if n in ref["a"]:
+            torch.testing.assert_close(p.grad, ref["a"][n] + ref["b"][n], rtol=1e-5, atol=1e-6)
+
+
+def test_release_scratch_frees_the_pool():
+    layer = _layer("loop", dim=16, ffn_dim=8).float()
+    x = _x((4,), dim=16).float().requires_grad_()
+    layer(x).out.sum().backward()
+    assert _SCRATCH.buffers
+    release_scratch()
+    assert not _SCRATCH.buffers
