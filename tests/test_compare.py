@@ -142,7 +142,7 @@ def test_readme_quickstart_commands_in_tiny_mode(corpus, tmp_path):
                         "--runs-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "tiny" / "report.md").is_file()
-    r = subprocess.run(["./scripts/test.sh", "tests/test_config.py", "-q"], cwd=ROOT, capture_output=True,
+    r = subprocess.run(["./scripts/test.sh", "tests/test_config.py"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:]
     assert "passed" in r.stdout
