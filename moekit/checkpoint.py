@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from moekit.checkpoint_io import (
     CONFIG_FILE,
     INDEX_FILE,

@@ -1,9 +1,9 @@
 """The ``moekit`` command line: maps verbs to the typed Python functions that do the work.
 
-    moekit compare   train an MoE model and its dense twins, write runs/<name>/report.md   (moekit.compare.compare)
-    moekit train     train one model                                                     (moekit.train.run_training)
-    moekit generate  sample from a checkpoint, streaming                                 (moekit.evaluation.generate_text)
-    moekit eval      validation loss, perplexity and bits per byte of a checkpoint       (moekit.evaluation.eval_checkpoint)
+    moekit compare   MoE vs its dense twins, runs/<name>/report.md     (moekit.compare.compare)
+    moekit train     train one model                                    (moekit.train.run_training)
+    moekit generate  sample from a checkpoint, streaming                (moekit.evaluation.generate_text)
+    moekit eval      validation loss, perplexity, bits per byte         (moekit.evaluation.eval_checkpoint)
     moekit costs     parameters, FLOPs and memory of a preset, config or checkpoint      (moekit.costs.costs)
     moekit convert   Hugging Face <-> moekit checkpoints                                 (moekit.hf.convert)
     moekit upcycle   a dense checkpoint into an MoE one                                  (moekit.upcycle.upcycle)

@@ -92,20 +92,24 @@ class MoEConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.n_experts, int) and self.n_experts >= 1, "n_experts", f"must be >= 1, got {self.n_experts}")
+        _check(isinstance(self.n_experts, int) and self.n_experts >= 1, "n_experts",
+               f"must be >= 1, got {self.n_experts}")
         _check(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
         _check(self.top_k <= self.n_experts, "top_k", f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
-        _check(self.expert_ffn_dim is None or self.expert_ffn_dim >= 1, "expert_ffn_dim", f"must be >= 1, got {self.expert_ffn_dim}")
+        _check(self.expert_ffn_dim is None or self.expert_ffn_dim >= 1, "expert_ffn_dim",
+               f"must be >= 1, got {self.expert_ffn_dim}")
         _choice(self.activation, "activation", ACTIVATIONS)
         _check(self.swiglu_limit > 0, "swiglu_limit", f"must be > 0, got {self.swiglu_limit}")
         _choice(self.score_func, "score_func", SCORE_FUNCS)
         _choice(self.group_score, "group_score", GROUP_SCORES)
         _check(not (self.softmax_after_topk and self.score_func != "softmax"), "softmax_after_topk",
                "only applies to score_func='softmax'")
-        _check(self.routed_scaling_factor > 0, "routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}")
+        _check(self.routed_scaling_factor > 0, "routed_scaling_factor",
+               f"must be > 0, got {self.routed_scaling_factor}")
         _check(self.n_groups >= 1 and self.n_experts % self.n_groups == 0, "n_groups",
                f"n_experts={self.n_experts} must be divisible by n_groups={self.n_groups}")
-        _check(1 <= self.topk_groups <= self.n_groups, "topk_groups", f"must be in [1, n_groups={self.n_groups}], got {self.topk_groups}")
+        _check(1 <= self.topk_groups <= self.n_groups, "topk_groups",
+               f"must be in [1, n_groups={self.n_groups}], got {self.topk_groups}")
         if self.n_groups > 1:
             _check(self.topk_groups * (self.n_experts // self.n_groups) >= self.top_k, "topk_groups",
                    "the chosen groups hold fewer experts than top_k")

@@ -20,7 +20,8 @@ from torch import Tensor
 def expert_counts(topk_idx_TK: Tensor, n_experts: int) -> Tensor:
     """Assignments per expert, fp32, without a host sync."""
     counts_E = torch.zeros(n_experts, device=topk_idx_TK.device, dtype=torch.float32)
-    return counts_E.scatter_add_(0, topk_idx_TK.reshape(-1), torch.ones_like(topk_idx_TK.reshape(-1), dtype=torch.float32))
+    idx_A = topk_idx_TK.reshape(-1)
+    return counts_E.scatter_add_(0, idx_A, torch.ones_like(idx_A, dtype=torch.float32))
 
 
 def switch_aux_loss(probs_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:

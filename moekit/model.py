@@ -395,7 +395,8 @@ class Transformer(nn.Module):
         logits = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
         out = ModelOutput(logits=logits, aux_loss=aux, z_loss=z, stats=stats)
         if targets is not None:
-            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=-100)
             out.loss = out.lm_loss + aux + z
         return out
 
