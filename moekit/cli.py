@@ -232,17 +232,12 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 
 
 def _config_of_checkpoint(path: str):
+    """The config of a checkpoint directory (moekit or Hugging Face) or of a config.json file."""
     from moekit.config import ModelConfig
+    from moekit.hf import config_from_hf_dir
 
     p = Path(path)
-    cfg_file = p / "config.json" if p.is_dir() else p
-    try:
-        from moekit.hf import config_from_hf_dir  # Hugging Face directories, when that module is present
-    except ImportError:
-        config_from_hf_dir = None
-    if config_from_hf_dir is not None and p.is_dir():
-        return config_from_hf_dir(p)
-    return ModelConfig.from_json(cfg_file)
+    return config_from_hf_dir(p) if p.is_dir() else ModelConfig.from_json(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,13 +51,6 @@ def _rss_bytes(field: str) -> int | None:
     return None
 
 
-def _load_data(spec: DataSpec, progress: bool):
-    from moekit.data import prepare_data
-
-    return prepare_data(corpus=spec.corpus, tokenizer=spec.tokenizer, val_path=spec.val_path,
-                        text_field=spec.text_field, cache_dir=spec.cache_dir, progress=progress)
-
-
 @torch.no_grad()
 def measure_inference(model: Transformer, tc: TrainConfig, device: torch.device, prompt_len: int = 32,
                       decode_tokens: int = 32, prefill_batch: int = 8, repeats: int = 3) -> dict[str, float]:
@@ -98,7 +91,7 @@ def run_one(label: str, cfg_dict: dict[str, Any], tc_dict: dict[str, Any], spec_
             run_dir: str, progress: bool) -> dict[str, Any]:
     """Train and measure one model (runs in a fresh process under ``compare``)."""
     cfg, tc, spec = ModelConfig.from_dict(cfg_dict), TrainConfig(**tc_dict), DataSpec(**spec_dict)
-    data, tokenizer = _load_data(spec, progress=False)
+    data, tokenizer = spec.load(progress=False)
     device = resolve_device(tc.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -177,7 +170,7 @@ def compare(model_config: ModelConfig, train_config: TrainConfig | None = None, 
     out = Path(runs_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     # tokenize once in this process so the children find the cache ready
-    dataset, tokenizer = _load_data(spec, progress=progress)
+    dataset, tokenizer = spec.load(progress)
     if tokenizer.vocab_size != model_config.vocab_size:
         model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
     models = {"moe": model_config, "dense_active": dense_twin(model_config, "active")}

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from moekit.checkpoint_io import atomic_write_text
+
 CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 MARKER_KEY = "moekit_tokenizer"
@@ -185,7 +187,7 @@ class BPETokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike[str]) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(d / TOKENIZER_FILE, self._tok.to_str(pretty=True))
+        atomic_write_text(d / TOKENIZER_FILE, self._tok.to_str(pretty=True))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self._config, MARKER_KEY: self.kind}
         if self._eot_id is not None:
             eot = self._tok.id_to_token(self._eot_id)
@@ -285,12 +287,5 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    # temp file + os.replace: a reader never sees a half-written file
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

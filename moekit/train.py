@@ -53,6 +53,13 @@ class DataSpec:
     text_field: str = "text"
     cache_dir: str | None = None
 
+    def load(self, progress: bool = True):
+        """(TokenDataset, Tokenizer), tokenized once and cached (``moekit.data.prepare_data``)."""
+        from moekit.data import prepare_data
+
+        return prepare_data(corpus=self.corpus, tokenizer=self.tokenizer, val_path=self.val_path,
+                            text_field=self.text_field, cache_dir=self.cache_dir, progress=progress)
+
 
 @dataclass
 class TrainConfig:
@@ -363,16 +370,12 @@ def run_training(model_config: ModelConfig, train_config: TrainConfig, data_spec
     ``train_config.ep``-way expert parallelism and ``nproc / ep``-way data parallelism; under
     ``torchrun`` (RANK set) this process is already one of them.
     """
-    from moekit.data import prepare_data
-
     if nproc < 1:
         raise ValueError(f"nproc: must be >= 1, got {nproc}")
     if nproc % train_config.ep:
         raise ValueError(f"ep: {train_config.ep} does not divide nproc={nproc}")
     # tokenize here (once) so that the processes below all find the cache ready
-    data, tokenizer = prepare_data(corpus=data_spec.corpus, tokenizer=data_spec.tokenizer,
-                                   val_path=data_spec.val_path, text_field=data_spec.text_field,
-                                   cache_dir=data_spec.cache_dir, progress=progress)
+    data, tokenizer = data_spec.load(progress)
     if not resume and tokenizer.vocab_size != model_config.vocab_size:
         model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
     if nproc > 1 and "RANK" not in os.environ:
@@ -391,11 +394,7 @@ def run_training(model_config: ModelConfig, train_config: TrainConfig, data_spec
 def _train_process(cfg: dict, tc: dict, spec: dict, run_dir: str, resume: bool, progress: bool,
                    stop_at: int | None) -> dict:
     """One process of ``run_training(nproc > 1)``; returns the result as plain data."""
-    from moekit.data import prepare_data
-
-    s = DataSpec(**spec)
-    data, tokenizer = prepare_data(corpus=s.corpus, tokenizer=s.tokenizer, val_path=s.val_path,
-                                   text_field=s.text_field, cache_dir=s.cache_dir, progress=False)
+    data, tokenizer = DataSpec(**spec).load(progress=False)
     res = train(ModelConfig.from_dict(cfg), TrainConfig(**tc), data, run_dir, tokenizer=tokenizer, resume=resume,
                 progress=progress, stop_at=stop_at)
     return {**dataclasses.asdict(res), "run_dir": str(res.run_dir)}
