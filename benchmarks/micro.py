@@ -22,18 +22,16 @@ round by round in one process, medians of per-round ratios to the first variant 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moe_layer import interleaved, load_now, machine  # noqa: E402
+from moe_layer import interleaved, load_now, machine, write_results  # noqa: E402
 
 from moekit.cli import _tune_allocator  # noqa: E402
 
@@ -196,11 +194,7 @@ def main() -> None:
     out = {"machine": machine(), "argv": sys.argv, "results": {}}
     for name in (args.only.split(",") if args.only else SECTIONS):
         out["results"][name] = SECTIONS[name](rounds)
-    out["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {path}")
+    write_results(out, args.out)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,15 @@ def load_now() -> dict:
     return {"loadavg_1m": round(la[0], 2), "loadavg_5m": round(la[1], 2), "cpus": os.cpu_count()}
 
 
+def write_results(out: dict, path: str | Path) -> None:
+    """Stamp the finish time and write a benchmark's JSON (creating its folder)."""
+    out["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {path}")
+
+
 def machine() -> dict:
     import torch
 
@@ -505,11 +514,7 @@ def main() -> None:
     if "allocator" in sections:
         out["results"].append(bench_allocator(args.allocator_tokens or (1024 if args.quick else 16384), "bf16",
                                               2 if args.quick else 5, 3 if args.quick else 5))
-    out["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {path}")
+    write_results(out, args.out)
 
 
 if __name__ == "__main__":

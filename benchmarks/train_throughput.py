@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import statistics
 import sys
@@ -40,7 +39,7 @@ if str(ROOT) not in sys.path:
 from moekit.cli import _tune_allocator  # noqa: E402  (stdlib only: imported before torch)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_layer import interleaved, load_now, machine  # noqa: E402
+from moe_layer import interleaved, load_now, machine, write_results  # noqa: E402
 
 
 def make_step(model, tc, data_gen, vocab: int):
@@ -179,11 +178,8 @@ def main() -> None:
             print(f"  {n:14s} {v:10.1f} {decode[wdtype]['ratio_to_dense'][n]:14.3f}")
 
     out = {"machine": machine(), "argv": sys.argv, "preset": args.preset, "models": info, "auto_backend": auto,
-           "train": train, "decode": decode, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {path}")
+           "train": train, "decode": decode}
+    write_results(out, args.out)
 
 
 if __name__ == "__main__":
