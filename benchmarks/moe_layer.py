@@ -161,8 +161,9 @@ def build(dtype, hf_impls: list[str], seed: int = 0):
     return moe, dense, hf
 
 
-def moekit_call(moe, backend: str):
-    """A call of the moekit layer with the given experts backend ("loop-serial": loop, expert threads off)."""
+def moekit_call(moe, backend: str, aux: bool = True):
+    """A call of the moekit layer with the given experts backend ("loop-serial": loop, expert threads off);
+    ``aux=False``: no balancing losses or routing statistics, as generation runs it."""
     from moekit.experts import _EXPERT_THREADS
 
     real = "loop" if backend == "loop-serial" else backend
@@ -173,7 +174,7 @@ def moekit_call(moe, backend: str):
         if backend == "loop-serial":
             _EXPERT_THREADS.min_flops = math.inf
         try:
-            return moe(x).out
+            return moe(x, aux=aux).out
         finally:
             _EXPERT_THREADS.min_flops = saved
     return call
@@ -346,8 +347,10 @@ def bench_decode(Ts: list[int], dtype_name: str, backends: list[str], hf_impls: 
             return dense_set[cycle["i"] % len(dense_set)](xi)
 
         fns = {"dense-active": rep(dense), f"dense-active x{len(dense_set)}": rep(dense_cycled)}
+        # generation runs the layer with aux=False (no losses, no routing statistics); "+stats" is the cost of both
         for b in backends:
-            fns["moekit" if b == "auto" else f"moekit-{b}"] = rep(moekit_call(moe, b))
+            fns["moekit" if b == "auto" else f"moekit-{b}"] = rep(moekit_call(moe, b, aux=False))
+        fns["moekit+stats"] = rep(moekit_call(moe, "auto"))
         for impl, block in hf.items():
             fns[f"hf-{impl}"] = rep(block)
         fns["bw: sum 1 GiB"] = lambda: big.sum()
@@ -357,7 +360,7 @@ def bench_decode(Ts: list[int], dtype_name: str, backends: list[str], hf_impls: 
             ref = moe(x).out
             for name in fns:
                 if name.startswith(("moekit-", "hf-")):
-                    call = moekit_call(moe, name[7:]) if name.startswith("moekit-") else hf[name[3:]]
+                    call = moekit_call(moe, name[7:], aux=False) if name.startswith("moekit-") else hf[name[3:]]
                     p99, mx = per_token_error(call(x), ref)
                     if mx > (1e-3 if dtype == torch.float32 else 5e-2):
                         raise SystemExit(f"decode T={T}: {name} disagrees with moekit (max rel err {mx:.2e})")

@@ -4,6 +4,7 @@
     python3 benchmarks/train_throughput.py            # preset "small", batch 16 x 256 tokens, bf16 autocast
     python3 benchmarks/train_throughput.py --quick    # smoke run: 2 rounds, short decode
     python3 benchmarks/train_throughput.py --compiled # also the MoE model with backend="compiled"
+    python3 benchmarks/train_throughput.py --config benchmarks/results/runs/<name>/moe/config.json  # any config
 
 Writes ``benchmarks/results/train_throughput.json`` and prints the tables.
 
@@ -80,6 +81,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
+    p.add_argument("--config", help="a model config.json (e.g. runs/<name>/moe/config.json) instead of --preset")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per model per round")
@@ -103,7 +105,13 @@ def main() -> None:
 
     rounds = args.rounds or (2 if args.quick else 7)
     n_decode = args.decode_tokens or (16 if args.quick else 64)
-    cfg = get_preset(args.preset)
+    if args.config:
+        from moekit.config import ModelConfig
+
+        cfg = ModelConfig.from_json(args.config)  # a clear error for a missing or invalid file
+        args.preset = args.config
+    else:
+        cfg = get_preset(args.preset)
     twin = dense_twin(cfg, "active")
     tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, steps=10**6, warmup_steps=10)
     configs = {"moe": cfg, "dense-active": twin}

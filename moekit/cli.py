@@ -133,9 +133,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="'stdlib' (this Python's standard library source, the default), a text file, a directory, "
                         ".jsonl or .parquet")
     g.add_argument("--val", help="a separate validation corpus (default: a deterministic split of --corpus)")
-    g.add_argument("--tokenizer", default="byte", help="'byte' (default), 'bpe' (trained locally) or a tokenizer.json path")
+    g.add_argument("--tokenizer", default="byte",
+                   help="'byte' (default), 'bpe' (trained locally) or a tokenizer.json path")
     g.add_argument("--text-field", dest="text_field", default="text", help="text field of jsonl/parquet records")
-    g.add_argument("--cache-dir", dest="cache_dir", help="token cache directory (default $MOEKIT_CACHE/tokens, else ~/.cache/moekit/tokens)")
+    g.add_argument("--cache-dir", dest="cache_dir",
+                   help="token cache directory (default $MOEKIT_CACHE/tokens, else ~/.cache/moekit/tokens)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -241,7 +243,8 @@ def _config_of_checkpoint(path: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts transformers and their dense twins.")
+    parser = argparse.ArgumentParser(prog="moekit",
+                                     description="Mixture-of-Experts transformers and their dense twins.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices and other details")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -279,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample from a checkpoint (a run directory or a checkpoint directory).")
     p.add_argument("checkpoint", help="run or checkpoint directory")
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200, help="tokens to sample (default 200)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200,
+                   help="tokens to sample (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
     p.add_argument("--top-k", dest="top_k", type=int, default=50, help="sample among the k most likely (default 50)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")

@@ -61,26 +61,27 @@ def measure_inference(model: Transformer, tc: TrainConfig, device: torch.device,
     decode_tokens = min(decode_tokens, cfg.max_seq_len - prompt_len)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     times = []
-    with autocast_ctx(device, tc):
+    # as a server would run: no autograd, no balancing losses or routing statistics (aux=False)
+    with torch.inference_mode(), autocast_ctx(device, tc):
         for _ in range(2):  # the first pass warms up kernels and allocator
             cache = KVCache(cfg, 1, device=device)
-            logits = model(ids, cache=cache).logits
+            logits = model(ids, cache=cache, aux=False).logits
             nxt = logits[:, -1:].argmax(-1)
             times = []
             for _ in range(decode_tokens):
                 t0 = time.perf_counter()
-                nxt = model(nxt, cache=cache).logits[:, -1:].argmax(-1)
+                nxt = model(nxt, cache=cache, aux=False).logits[:, -1:].argmax(-1)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         seq = min(tc.seq_len, cfg.max_seq_len)
         batch = torch.randint(0, cfg.vocab_size, (prefill_batch, seq), generator=torch.Generator().manual_seed(1))
         batch = batch.to(device)
-        model(batch)
+        model(batch, aux=False)
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model(batch)
+            model(batch, aux=False)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
@@ -204,11 +205,14 @@ def compare(model_config: ModelConfig, train_config: TrainConfig | None = None, 
 
 
 def curve_crossover(a: list[dict[str, float]], b: list[dict[str, float]]) -> dict[str, Any] | None:
-    """Where curve ``a`` (MoE) goes from above to below curve ``b`` (dense) at the same tokens, if it does."""
+    """The LAST point where curve ``a`` (MoE) and curve ``b`` (dense) cross at the same tokens, after which their
+    order holds to the end of the run, and how many times they crossed (early curves are noisy and can cross
+    back and forth); None if they never cross."""
     pts = [(pa["tokens"], pa["val_loss"] - pb["val_loss"]) for pa, pb in zip(a, b) if pa["tokens"] == pb["tokens"]]
+    crossings = []
     for (t0, d0), (t1, d1) in zip(pts, pts[1:]):
         if d0 > 0 >= d1:
-            return {"tokens": t0 + (t1 - t0) * d0 / (d0 - d1), "direction": "moe_overtakes"}
-        if d0 < 0 <= d1:
-            return {"tokens": t0 + (t1 - t0) * -d0 / (d1 - d0), "direction": "dense_overtakes"}
-    return None
+            crossings.append({"tokens": t0 + (t1 - t0) * d0 / (d0 - d1), "direction": "moe_overtakes"})
+        elif d0 < 0 <= d1:
+            crossings.append({"tokens": t0 + (t1 - t0) * -d0 / (d1 - d0), "direction": "dense_overtakes"})
+    return {**crossings[-1], "n_crossings": len(crossings)} if crossings else None

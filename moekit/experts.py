@@ -24,6 +24,8 @@ Backends (all take rows already sorted by expert, see ``dispatch.py``):
   compiled  the whole MoE layer through ``torch.compile``, the experts an opaque custom op (the loop
             backend on the CPU, grouped elsewhere), so routing changes never recompile
 loop and grouped share one autograd Function with a hand-written backward (see "execution" below).
+Inference on a few tokens (generation) bypasses the backends: ``Experts.decode`` (and the dense MLP for one
+token) runs one compiled kernel that reads only the chosen experts' weights (``_DecodeKernel``).
 ``auto`` picks, and logs: on the CPU the threaded loop when it can use two or more threads on a call of
 useful size (the fastest there, benchmarks/RESULTS.md); otherwise ``grouped`` when one capability check
 (a tiny grouped_mm on the device and dtype) passes, else ``loop``. A backend requested explicitly that
@@ -77,6 +79,60 @@ def ffn(x_AD: Tensor, w_in_ID: Tensor, w_out_DF: Tensor, activation: str, b_in_I
     return F.linear(activate(F.linear(x_AD, w_in_ID, b_in_I), activation, limit, alpha), w_out_DF, b_out_D)
 
 
+def _experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor,
+                    b_in_EI: Tensor | None, b_out_ED: Tensor | None, activation: str, limit: float,
+                    alpha: float) -> Tensor:
+    """out_t = sum_k w_tk expert_{e_tk}(x_t) for a few tokens, written as gathers of the chosen experts' weights
+    and multiply-reduce. Compiled, it is one pass over each (token, expert) pair's weights (the gather becomes
+    indirect loads inside the reduction, nothing is copied) with fp32 accumulation; an expert chosen by several
+    of the tokens is read once per token (an [U, I, T] formulation that reads it once measured slower: inductor
+    does not tile it like a GEMM). Run eagerly it copies the chosen weights (same values)."""
+    acc = torch.promote_types(torch.promote_types(x_TD.dtype, w_in_EID.dtype), torch.float32)
+    x_T11D = x_TD.to(acc)[:, None, None, :]
+    h_TKI = (w_in_EID[idx_TK].to(acc) * x_T11D).sum(-1)
+    if b_in_EI is not None:
+        h_TKI = h_TKI + b_in_EI[idx_TK].to(acc)
+    a_TK1F = activate(h_TKI, activation, limit, alpha)[:, :, None, :]
+    y_TKD = (w_out_EDF[idx_TK].to(acc) * a_TK1F).sum(-1)
+    if b_out_ED is not None:
+        y_TKD = y_TKD + b_out_ED[idx_TK].to(acc)
+    return (y_TKD * weight_TK.to(acc)[:, :, None]).sum(1).to(x_TD.dtype)
+
+
+class _DecodeKernel:
+    """The few-token inference step (generation) through inductor, once per dtype/activation (dynamic shapes).
+
+    Decoding is bound by reading the active experts' weights, and PyTorch's eager CPU matrix-vector products
+    read them slowly (torch.mv = MKL sgemv runs on one thread here; bf16 mv converts slowly): on [2816, 512] +
+    [512, 1408] weights cycled over 8 experts, torch.mv reads 11 GB/s fp32 and 9 GB/s bf16, an inductor
+    multiply-reduce 26 and 19 GB/s (benchmarks/RESULTS.md, "decode"). One compiled call also replaces the
+    ~20 small ops per layer of the eager path (host read of the routing, per-expert products, activation,
+    weighted sum). Where inductor cannot build (no C++ compiler) it warns once and the eager per-expert path
+    runs instead; ``MOEKIT_DECODE_KERNEL=eager`` selects that path."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.enabled = os.environ.get("MOEKIT_DECODE_KERNEL", "compiled") != "eager"
+
+    def __call__(self, *args) -> Tensor | None:
+        """The compiled ``_experts_decode(*args)``, or None when it is not available."""
+        if not self.enabled:
+            return None
+        try:
+            if self.fn is None:
+                log.info("decode kernel: compiled with torch.compile on first use (a few seconds)")
+                self.fn = torch.compile(_experts_decode, dynamic=True)
+            return self.fn(*args)
+        except Exception as e:  # inductor could not build the kernel: the eager path from now on
+            log.warning("compiled decode kernel unavailable (%s: %s); using the eager path",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.enabled = False
+            return None
+
+
+_DECODE_KERNEL = _DecodeKernel()
+
+
 class MLP(nn.Module):
     """The dense FFN (also the shared expert)."""
 
@@ -99,7 +155,27 @@ class MLP(nn.Module):
                 nn.init.zeros_(b)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.numel() == x.shape[-1] and not _needs_grad(x, self):
+            # one token (generation): the decode kernel, the dense FFN as a one-expert MoE
+            out = _decode_one_expert(self, x)
+            if out is not None:
+                return out
         return ffn(x, self.w_in, self.w_out, self.activation, self.b_in, self.b_out, self.limit, self.alpha)
+
+
+def _needs_grad(x: Tensor, module: nn.Module) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def _decode_one_expert(mlp: MLP, x: Tensor) -> Tensor | None:
+    x_1D = x.detach().reshape(1, -1).to(_compute_dtype(x))  # weights stay in their dtype (see Experts.decode)
+    one = torch.ones(1, 1, dtype=x_1D.dtype)
+    zero = torch.zeros(1, 1, dtype=torch.long)
+    b_in = None if mlp.b_in is None else mlp.b_in.detach()[None]
+    b_out = None if mlp.b_out is None else mlp.b_out.detach()[None]
+    out = _DECODE_KERNEL(x_1D, zero, one, mlp.w_in.detach()[None], mlp.w_out.detach()[None], b_in, b_out,
+                         mlp.activation, mlp.limit, mlp.alpha)
+    return None if out is None else out.view(*x.shape[:-1], -1)
 
 
 class Experts(nn.Module):
@@ -184,47 +260,61 @@ class Experts(nn.Module):
         needs_grad = x_TD.requires_grad or any(p.requires_grad for p in self.parameters())
         return not torch.is_grad_enabled() or not needs_grad
 
-    def decode(self, x_TD: Tensor, topk_idx_TK: Tensor) -> Tensor:
-        """The experts of a few tokens without a dispatch plan: y_TKD, the output of the k-th expert of token
-        t. Each active expert runs once on its tokens (matrix-vector products for a single token), so only
-        the active experts' weights are read."""
+    def decode(self, x_TD: Tensor, topk_idx_TK: Tensor, topk_weight_TK: Tensor) -> Tensor:
+        """out_TD = sum_k w_tk expert_{e_tk}(x_t) for a few tokens (inference), without a dispatch plan; only
+        the active experts' weights are read. The compiled decode kernel (``_DecodeKernel``) when available;
+        else each active expert runs once on its tokens (matrix-vector products for a single token) and its
+        output is added into the token's row with the combine weight as the scale."""
         dtype = _compute_dtype(x_TD)
-        x_TD = x_TD.to(dtype)
+        x_TD = x_TD.detach().to(dtype)
+        # the kernel reads the weights in their stored dtype (fp32 weights under bf16 autocast are converted in
+        # registers: casting all E experts first would read and write every expert's weights for one token)
+        out_TD = _DECODE_KERNEL(x_TD, topk_idx_TK, topk_weight_TK, self.w_in.detach(), self.w_out.detach(),
+                                None if self.b_in is None else self.b_in.detach(),
+                                None if self.b_out is None else self.b_out.detach(),
+                                self.activation, self.limit, self.alpha)
+        if out_TD is not None:
+            return out_TD
         w_in_EID, w_out_EDF = self.w_in.to(dtype), self.w_out.to(dtype)
         b_in, b_out = self._biases(dtype)
-        T, K = topk_idx_TK.shape
-        slots: dict[int, list[tuple[int, int]]] = {}
-        for t, row in enumerate(topk_idx_TK.tolist()):  # the one host read
-            for k, e in enumerate(row):
-                slots.setdefault(e, []).append((t, k))
+        # eager: each active expert once on its tokens
+        slots: dict[int, list[tuple[int, float]]] = {}
+        # the one host read (indices and weights together); on the CPU it waits for nothing
+        for t, (row, w_row) in enumerate(zip(topk_idx_TK.tolist(), topk_weight_TK.tolist())):
+            for e, w in zip(row, w_row):
+                slots.setdefault(e, []).append((t, w))
         act = _ActSpec(self.activation, self.limit, self.alpha, self.ffn_dim)
-        y_TKD = x_TD.new_empty(T, K, self.dim)  # every (t, k) slot is written by exactly one expert
+        out_TD = x_TD.new_zeros(x_TD.shape[0], self.dim)
 
-        def expert(e: int, tk: list[tuple[int, int]]) -> None:
-            if len(tk) == 1:
-                (t, k), = tk
+        def expert(e: int, tw: list[tuple[int, float]]) -> None:
+            if len(tw) == 1:
+                (t, w), = tw
                 h_1I = torch.mv(w_in_EID[e], x_TD[t]).unsqueeze(0)
             else:
-                h_1I = x_TD[[t for t, _ in tk]] @ w_in_EID[e].t()
+                t_idx = [t for t, _ in tw]
+                h_1I = x_TD[t_idx] @ w_in_EID[e].t()
             if b_in is not None:
                 h_1I += b_in[e]
             a_1F = h_1I.new_empty(h_1I.shape[0], self.ffn_dim)
             act.forward_into(h_1I, a_1F, None)
-            if len(tk) == 1:
-                y = torch.mv(w_out_EDF[e], a_1F[0], out=y_TKD[t, k])
+            if len(tw) == 1:
+                y_D = torch.mv(w_out_EDF[e], a_1F[0])
+                if b_out is not None:
+                    y_D += b_out[e]
+                out_TD[t].add_(y_D, alpha=w)
             else:
-                y = a_1F @ w_out_EDF[e].t()
-            if b_out is not None:
-                y += b_out[e]
-            if len(tk) > 1:
-                y_TKD[[t for t, _ in tk], [k for _, k in tk]] = y
+                y_ND = a_1F @ w_out_EDF[e].t()
+                if b_out is not None:
+                    y_ND += b_out[e]
+                y_ND.mul_(torch.tensor([w for _, w in tw], dtype=torch.float64).to(dtype).unsqueeze(1))
+                out_TD.index_add_(0, torch.tensor(t_idx), y_ND)
 
         # inline, not on the expert threads: a handful of matrix-vector products split over the cores
         # (mv is memory bound) beat single-threaded ones handed to two workers (thread wake-up and the GIL
         # cost more than the ~0.2 ms the products take; benchmarks/RESULTS.md, "decode")
-        for e, tk in slots.items():
-            expert(e, tk)
-        return y_TKD
+        for e, tw in slots.items():
+            expert(e, tw)
+        return out_TD
 
     def _compiled(self, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, plan: DispatchPlan) -> Tensor:
         """The experts as one custom op (opaque to torch.compile, see "compiled" below)."""
@@ -316,7 +406,10 @@ class _ScratchPool(threading.local):
         buf = self.buffers.get(name)
         if buf is None or buf.dtype != dtype or buf.numel() < n:
             self.buffers.pop(name, None)  # free the old block first: peak memory stays one buffer
-            buf = self.buffers[name] = torch.empty(n, dtype=dtype)
+            # a normal tensor even when first asked for under torch.inference_mode (an inference tensor could
+            # never again be written outside inference mode)
+            with torch.inference_mode(False):
+                buf = self.buffers[name] = torch.empty(n, dtype=dtype)
         return buf[:n].view(shape)
 
 
@@ -447,33 +540,55 @@ class _ActSpec:
 # (1024 shapes by default). An expert's row count changes every step, so a GEMM over all n rows builds a new
 # primitive almost every call: ~1.2 ms against ~0.13 ms for a cached [1024, 192] x [192, 512] (measured,
 # benchmarks/RESULTS.md). Splitting the rows into a multiple of _ROW_BLOCK and a tail of < _ROW_BLOCK rows
-# keeps the distinct shapes to a few dozen per GEMM. fp32 goes to MKL, which compiles nothing per shape.
+# keeps the distinct shapes to a few dozen per GEMM. The tail is copied into a zero-padded [_ROW_BLOCK, K] scratch
+# block, so it is always the same shape too: with tails of their own size (1..31 rows, each GEMM kind) the cache
+# held ~500 MB of compiled GEMMs after 60 training steps of the small preset, and kept growing (measured: process
+# RSS 1.68 GB against 1.15 GB with the cache off). fp32 goes to MKL, which compiles nothing per shape.
 _ROW_BLOCK = 32
 _JIT_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _jit_rows(t: Tensor) -> bool:
+    return t.dtype in _JIT_DTYPES and t.device.type == "cpu"
+
+
 def _bulk_rows(n: int, t: Tensor) -> int:
-    return n - n % _ROW_BLOCK if t.dtype in _JIT_DTYPES and t.device.type == "cpu" else n
+    return n - n % _ROW_BLOCK if _jit_rows(t) else n
+
+
+def _padded_tail(name: str, rows_rK: Tensor) -> Tensor:
+    """The < _ROW_BLOCK tail rows in a zero-padded [_ROW_BLOCK, K] scratch block (one GEMM shape for every tail)."""
+    r, K = rows_rK.shape
+    block = _SCRATCH.get(name, (_ROW_BLOCK, K), rows_rK.dtype, rows_rK.device)
+    block[:r].copy_(rows_rK)
+    block[r:].zero_()
+    return block
 
 
 def _mm_rows(a_nK: Tensor, w_KN: Tensor, out_nN: Tensor) -> None:
-    """out = a @ w for one expert's rows (bulk + tail, see _ROW_BLOCK)."""
+    """out = a @ w for one expert's rows (bulk + padded tail, see _ROW_BLOCK)."""
     n = a_nK.shape[0]
     bulk = _bulk_rows(n, a_nK)
     if bulk:
         torch.mm(a_nK[:bulk], w_KN, out=out_nN[:bulk])
     if bulk < n:
-        torch.mm(a_nK[bulk:], w_KN, out=out_nN[bulk:])
+        res = _SCRATCH.get("tail_out", (_ROW_BLOCK, w_KN.shape[1]), out_nN.dtype, out_nN.device)
+        torch.mm(_padded_tail("tail_a", a_nK[bulk:]), w_KN, out=res)
+        out_nN[bulk:].copy_(res[:n - bulk])
 
 
 def _mm_weight(a_nM: Tensor, b_nN: Tensor, out_MN: Tensor) -> None:
-    """out = a^T b over one expert's rows: a weight gradient (bulk, then the tail accumulated)."""
+    """out = a^T b over one expert's rows: a weight gradient (bulk, then the padded tail accumulated; the
+    padding rows are zero in both operands, so they add nothing)."""
     n = a_nM.shape[0]
     bulk = _bulk_rows(n, a_nM)
-    if bulk:
-        torch.mm(a_nM[:bulk].t(), b_nN[:bulk], out=out_MN)
-        if bulk < n:
-            out_MN.addmm_(a_nM[bulk:].t(), b_nN[bulk:])
+    if bulk < n and _jit_rows(a_nM):
+        tail_a, tail_b = _padded_tail("tail_a", a_nM[bulk:]), _padded_tail("tail_b", b_nN[bulk:])
+        if bulk:
+            torch.mm(a_nM[:bulk].t(), b_nN[:bulk], out=out_MN)
+            out_MN.addmm_(tail_a.t(), tail_b)
+        else:
+            torch.mm(tail_a.t(), tail_b, out=out_MN)
     else:
         torch.mm(a_nM.t(), b_nN, out=out_MN)
 

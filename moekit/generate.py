@@ -35,7 +35,7 @@ def sample_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
     cache = KVCache(cfg, batch=1, device=device, dtype=next(model.parameters()).dtype)
     ids_BS = torch.tensor([prompt_ids], device=device)
     for _ in range(max_new_tokens):
-        logits_V = model(ids_BS, cache=cache).logits[0, -1].float()
+        logits_V = model(ids_BS, cache=cache, aux=False).logits[0, -1].float()
         nxt = _pick(logits_V, temperature, top_k, gen)
         yield nxt
         ids_BS = torch.tensor([[nxt]], device=device)

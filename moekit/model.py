@@ -333,11 +333,11 @@ class Block(nn.Module):
             self.ffn = MLP(cfg.dim, cfg.ffn_dim, cfg.activation, bias=cfg.ffn_bias, swiglu_limit=cfg.swiglu_limit,
                            swiglu_alpha=cfg.swiglu_alpha)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, aux: bool = True):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            res = self.ffn(h)
+            res = self.ffn(h, aux)
             return x + res.out, res
         return x + self.ffn(h), None
 
@@ -375,7 +375,11 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
+                aux: bool = True) -> ModelOutput:
+        """Logits (and the losses when ``targets`` are given). ``aux=False`` is for inference (generation, serving):
+        the MoE layers skip their balancing losses and routing statistics, ``aux_loss``/``z_loss`` are None and
+        ``stats`` holds only None (see ``MoE.forward``)."""
         B, S = input_ids.shape
         start = cache.pos if cache is not None else 0
         if start + S > self.config.max_seq_len:
@@ -383,21 +387,21 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         x = self.tok_emb(input_ids)
         stats: list[MoEStats | None] = []
-        aux = z = x.new_zeros((), dtype=torch.float32)
+        aux_loss = z = x.new_zeros((), dtype=torch.float32) if aux else None
         for block in self.layers:
-            x, res = block(x, cos, sin, cache)
+            x, res = block(x, cos, sin, cache, aux)
             stats.append(res.stats if res is not None else None)
-            if res is not None:
-                aux, z = aux + res.aux_loss, z + res.z_loss
+            if res is not None and aux:
+                aux_loss, z = aux_loss + res.aux_loss, z + res.z_loss
         if cache is not None:
             cache.pos += S
         h = self.norm(x)
         logits = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
-        out = ModelOutput(logits=logits, aux_loss=aux, z_loss=z, stats=stats)
+        out = ModelOutput(logits=logits, aux_loss=aux_loss, z_loss=z, stats=stats)
         if targets is not None:
             out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                           ignore_index=-100)
-            out.loss = out.lm_loss + aux + z
+            out.loss = out.lm_loss + aux_loss + z if aux else out.lm_loss
         return out
 
     @torch.no_grad()

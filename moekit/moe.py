@@ -39,9 +39,9 @@ class MoEStats:
 @dataclass
 class MoEOutput:
     out: Tensor
-    aux_loss: Tensor  # weighted balance losses (Switch + sequence-level), ready to add to the loss
-    z_loss: Tensor  # weighted router z-loss
-    stats: MoEStats
+    aux_loss: Tensor | None  # weighted balance losses (Switch + sequence-level), ready to add; None if aux=False
+    z_loss: Tensor | None  # weighted router z-loss; None if aux=False
+    stats: MoEStats | None  # None if aux=False
 
 
 class MoE(nn.Module):
@@ -60,17 +60,23 @@ class MoE(nn.Module):
         # moekit.parallel.AllToAllDispatcher once shard_model spreads the experts over processes
         self.dispatcher = None
 
-    def forward(self, x: Tensor) -> MoEOutput:
+    def forward(self, x: Tensor, aux: bool = True) -> MoEOutput:
+        """``aux=False`` (inference: generation, serving) skips the balancing losses and routing statistics,
+        ~30 small ops per layer that cost as much as the experts' work for one token; ``aux_loss``,
+        ``z_loss`` and ``stats`` are then None (as transformers' ``output_router_logits=False``)."""
+        if not aux and self.training and torch.is_grad_enabled():
+            raise ValueError("aux=False: training needs the balancing losses and routing statistics "
+                             "(call model.eval() or run under torch.no_grad() for inference)")
         if self.experts.backend == "compiled" and not torch.compiler.is_compiling():
-            return _compiled_forward()(self, x)
-        return self._forward(x)
+            return _compiled_forward()(self, x, aux)
+        return self._forward(x, aux)
 
-    def _forward(self, x: Tensor) -> MoEOutput:
+    def _forward(self, x: Tensor, aux: bool = True) -> MoEOutput:
         x_TD = x.reshape(-1, self.dim)
         routing = self.router(x_TD)                                     # route
         if (self.dispatcher is None and self.config.capacity_factor is None
                 and self.experts.decode_eligible(x_TD, self.config.top_k)):
-            return self._decode(x, x_TD, routing)
+            return self._decode(x, x_TD, routing, aux)
         plan = plan_dispatch(routing, self.config)                      # dispatch: sort rows by expert
         x_AD = gather_rows(self.experts.cast_input(x_TD), plan)         # cast before the copy (K x smaller)
         if self.dispatcher is None:
@@ -78,6 +84,8 @@ class MoE(nn.Module):
         else:
             y_AD = self.dispatcher(x_AD, plan, self.experts)            # ... on the ranks holding them
         out_TD = self._add_shared(combine(y_AD, plan).to(x.dtype), x_TD)  # weighted sum back per token
+        if not aux:
+            return MoEOutput(out_TD.view(x.shape), None, None, None)
         aux_loss, z_loss, lb_loss = self._losses(routing, x.shape)
         return MoEOutput(out_TD.view(x.shape), aux_loss, z_loss, routing_stats(routing, plan, lb_loss))
 
@@ -89,14 +97,17 @@ class MoE(nn.Module):
             out_TD = out_TD + shared_TD.to(out_TD.dtype)
         return out_TD
 
-    def _decode(self, x: Tensor, x_TD: Tensor, routing: RoutingResult) -> MoEOutput:
+    def _decode(self, x: Tensor, x_TD: Tensor, routing: RoutingResult, aux: bool) -> MoEOutput:
         """Inference on a few tokens (generation), dropless: no dispatch plan, no sort, no gathers (the
         same values as ``_forward``; tests/test_perf_paths.py)."""
-        out_TD = _weighted_sum(self.experts.decode(x_TD, routing.topk_idx_TK), routing.topk_weight_TK).to(x.dtype)
+        out_TD = self.experts.decode(x_TD, routing.topk_idx_TK, routing.topk_weight_TK).to(x.dtype)
+        out = self._add_shared(out_TD, x_TD).view(x.shape)
+        if not aux:
+            return MoEOutput(out, None, None, None)
         aux_loss, z_loss, lb_loss = self._losses(routing, x.shape)
         routed_E = expert_counts(routing.topk_idx_TK, self.config.n_experts)
         stats = routing_stats(routing, _DroplessCounts(routed_E, routed_E, routed_E.new_zeros(())), lb_loss)
-        return MoEOutput(self._add_shared(out_TD, x_TD).view(x.shape), aux_loss, z_loss, stats)
+        return MoEOutput(out, aux_loss, z_loss, stats)
 
     def _losses(self, routing: RoutingResult, shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.config

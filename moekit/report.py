@@ -114,7 +114,9 @@ def write_report(results: dict[str, Any], out: Path, plots: bool = True) -> Path
         lines.append("- The MoE model did not reach the dense-active model's final validation loss within the budget.")
     if cross:
         who = "the MoE model overtakes" if cross["direction"] == "moe_overtakes" else "the dense model overtakes"
-        lines.append(f"- Crossover: {who} at about {format_count(cross['tokens'])} tokens.")
+        n = cross.get("n_crossings", 1)
+        lines.append(f"- Crossover: {who} at about {format_count(cross['tokens'])} tokens and stays ahead to the end"
+                     + (f" (the curves crossed {n} times; this is the last)." if n > 1 else "."))
     else:
         pairs = [(a["val_loss"], b["val_loss"]) for a, b in
                  zip(models.get("moe", {}).get("curve", []), models.get("dense_active", {}).get("curve", []))]

@@ -135,7 +135,7 @@ def route(logits_TE: Tensor, cfg: MoEConfig, expert_bias_E: Tensor | None = None
             weight_scale_T = torch.ones_like(scores_TE[:, 0])
     if cfg.routed_scaling_factor != 1.0:
         topk_weight_TK = topk_weight_TK * cfg.routed_scaling_factor
-    weight_scale_T = weight_scale_T * cfg.routed_scaling_factor
+        weight_scale_T = weight_scale_T * cfg.routed_scaling_factor
     return RoutingResult(topk_idx_TK, topk_weight_TK, logits_TE, scores_TE, choice_TE, weight_scale_T, softmax)
 
 

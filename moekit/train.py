@@ -171,7 +171,7 @@ def evaluate(model: Transformer, data, tc: TrainConfig, device: torch.device, ma
     for x, y in data.val_batches(tc.batch_size, tc.seq_len, max_batches or tc.eval_batches):
         x, y = ctx.local_batch(x).to(device), ctx.local_batch(y).to(device)
         with autocast_ctx(device, tc):
-            out = model(x, y)
+            out = model(x, y, aux=False)  # the LM loss only: no balancing losses or routing statistics
         n = (y != -100).sum()
         if n > 0:
             total_count += torch.stack([out.lm_loss.double() * n, n.double()])

@@ -78,7 +78,13 @@ def test_crossover_helpers():
     assert crossover_tokens(curve, 1.0) is None
     dense = [{"tokens": 100, "val_loss": 2.5}, {"tokens": 200, "val_loss": 2.2}, {"tokens": 300, "val_loss": 2.0}]
     c = curve_crossover(curve, dense)
-    assert c["direction"] == "moe_overtakes" and 100 < c["tokens"] < 200
+    assert c["direction"] == "moe_overtakes" and 100 < c["tokens"] < 200 and c["n_crossings"] == 1
+    assert curve_crossover(dense, dense[:1] + [{"tokens": 200, "val_loss": 9.0}]) is None  # equal, never crosses
+    # ahead, behind, ahead again: the last crossing is the one that holds to the end
+    moe = [{"tokens": t, "val_loss": v} for t, v in [(1, 2.0), (2, 3.0), (3, 2.0), (4, 1.0)]]
+    ref = [{"tokens": t, "val_loss": v} for t, v in [(1, 2.5), (2, 2.5), (3, 2.5), (4, 2.5)]]
+    c = curve_crossover(moe, ref)
+    assert c["direction"] == "moe_overtakes" and 2 < c["tokens"] < 3 and c["n_crossings"] == 2
 
 
 VERBS = ["compare", "train", "generate", "eval", "costs", "convert", "upcycle"]

@@ -248,6 +248,26 @@ def test_kv_cache_matches_full_forward(moe):
     assert cache.k[0].shape == (B, 2, cfg.max_seq_len, cfg.head_dim)
 
 
+def test_aux_false_same_logits_no_losses_or_stats():
+    """Inference without balancing losses and routing statistics (generation): the same logits, with and
+    without a cache; aux_loss/z_loss None, stats all None; the loss is the LM loss; refused in training."""
+    cfg = _cfg(_moe(aux_loss_coef=0.1, z_loss_coef=0.01, n_shared_experts=1), n_layers=3, first_dense_layers=1)
+    model = _model(cfg).eval()
+    ids, targets = _ids(2, 9, cfg.vocab_size), _ids(2, 9, cfg.vocab_size, seed=1)
+    with torch.no_grad():
+        full, lean = model(ids, targets), model(ids, targets, aux=False)
+        torch.testing.assert_close(lean.logits, full.logits, rtol=0, atol=0)
+        assert lean.aux_loss is None and lean.z_loss is None and lean.stats == [None, None, None]
+        assert full.aux_loss > 0 and float(lean.loss) == float(lean.lm_loss) == float(full.lm_loss)
+        cache = KVCache(cfg, batch=2)
+        parts = [model(ids[:, :4], cache=cache, aux=False).logits]
+        parts += [model(ids[:, t:t + 1], cache=cache, aux=False).logits for t in range(4, 9)]
+        torch.testing.assert_close(torch.cat(parts, 1), full.logits, rtol=1e-5, atol=1e-5)
+    model.train()
+    with pytest.raises(ValueError, match="aux=False"):
+        model(ids, aux=False)
+
+
 def test_max_seq_len_enforced():
     cfg = _cfg(max_seq_len=8)
     model = _model(cfg)

@@ -153,6 +153,21 @@ def test_expert_threads_carry_inference_and_grad_mode(two_threads):
     assert out.is_inference()
 
 
+def test_scratch_made_under_inference_mode_serves_training_later(two_threads):
+    """A reused buffer first allocated inside torch.inference_mode (compare measures prefill that way) must
+    still be writable by a later training step outside it."""
+    release_scratch()
+    layer = _layer("loop")
+    x = _x((3, 5))
+    with torch.inference_mode():
+        layer(x)  # allocates the forward's scratch
+    assert _SCRATCH.buffers and not any(b.is_inference() for b in _SCRATCH.buffers.values())
+    xg = x.clone().requires_grad_()
+    layer(xg).out.sum().backward()  # the backward's scratch, and the forward's again, outside inference mode
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).out, ref_moe(x, state_dict64(layer), layer.config).out)
+
+
 def test_single_row_experts_use_the_decode_path(two_threads):
     """T=1: every active expert has one row (torch.mv); also one token per expert at T=3 (rows differ)."""
     for shape in [(1,), (1, 1, 3)]:
@@ -206,14 +221,26 @@ def test_auto_prefers_the_loop_backend_on_cpu_for_real_sizes():
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", ["generic", "empty", "T1", "bias-clamped"])
-def test_decode_path_matches_reference_and_general_path(monkeypatch, threads, case):
+def test_decode_path_matches_reference_and_general_path(monkeypatch, kernel, threads, case):
     """Inference on <= DECODE_MAX_ROWS rows skips the dispatch plan (``MoE._decode``): same output, losses
-    and statistics as the general path and the reference."""
+    and statistics as the general path and the reference; with the compiled decode kernel and without it
+    (the eager per-expert path, also what runs where inductor cannot build)."""
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     monkeypatch.setattr(experts_mod._EXPERT_THREADS, "min_flops", 0.0)
+    monkeypatch.setattr(experts_mod._DECODE_KERNEL, "enabled", kernel == "compiled")
+    kernel_ran = []
+    original_kernel = experts_mod._DecodeKernel.__call__
+
+    def spy(self, *a):
+        out = original_kernel(self, *a)
+        kernel_ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(experts_mod._DecodeKernel, "__call__", spy)
     try:
         shape, kw, bias = CASES[case]
         layer = _layer("loop", router_bias=bias, **kw)
@@ -226,6 +253,8 @@ def test_decode_path_matches_reference_and_general_path(monkeypatch, threads, ca
             with torch.no_grad():
                 fast = layer(x)
             assert calls, "the decode path did not run"
+            assert kernel_ran and all(r == (kernel == "compiled") for r in kernel_ran)
+            kernel_ran.clear()
             general = layer(x)  # grad enabled: the general path
             ref = ref_moe(x, state_dict64(layer), layer.config)
             torch.testing.assert_close(fast.out, ref.out, rtol=1e-9, atol=1e-10)
@@ -237,6 +266,21 @@ def test_decode_path_matches_reference_and_general_path(monkeypatch, threads, ca
                 torch.testing.assert_close(getattr(fast.stats, f), getattr(general.stats, f), msg=f)
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("case", ["generic", "empty", "bias-clamped"])
+def test_decode_path_aux_false_same_output(monkeypatch, case):
+    """aux=False (generation) skips losses and statistics only: the same output on the decode path (T <= 8)
+    and the general path (T = 24 rows > DECODE_MAX_ROWS)."""
+    shape, kw, bias = CASES[case]
+    layer = _layer("loop", router_bias=bias, **kw)
+    for T in (1, 3, 24):
+        x = _x((T,), seed=T)
+        with torch.no_grad():
+            full, lean = layer(x), layer(x, aux=False)
+        assert lean.aux_loss is None and lean.z_loss is None and lean.stats is None
+        torch.testing.assert_close(lean.out, full.out, rtol=0, atol=0)
+        torch.testing.assert_close(lean.out, ref_moe(x, state_dict64(layer), layer.config).out, rtol=1e-9, atol=1e-10)
 
 
 def test_decode_path_not_taken_with_capacity_or_grad():
@@ -346,3 +390,43 @@ def test_release_scratch_frees_the_pool():
     assert _SCRATCH.buffers
     release_scratch()
     assert not _SCRATCH.buffers
+
+
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gelu", True), ("swiglu_clamped", True)])
+def test_dense_mlp_one_token_decode_kernel(monkeypatch, activation, bias):
+    """One token without autograd (generation) runs the dense MLP through the decode kernel (a one-expert MoE):
+    the same values as ``ffn``, in float64, fp32 and under bf16 autocast."""
+    ran = []
+    original = experts_mod._DecodeKernel.__call__
+    monkeypatch.setattr(experts_mod._DecodeKernel, "__call__", lambda self, *a: ran.append(1) or original(self, *a))
+    torch.manual_seed(0)
+    mlp = experts_mod.MLP(D, 12, activation, bias=bias, swiglu_limit=1.5).double()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0.0, 0.5)
+    x = _x((1, 1))
+    ref = ffn(x, mlp.w_in, mlp.w_out, activation, mlp.b_in, mlp.b_out, 1.5).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), ref, rtol=1e-12, atol=1e-12)
+        assert ran
+        torch.testing.assert_close(mlp.float()(x.float()), ref.float(), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = mlp(x.float())
+        assert y16.dtype == torch.bfloat16
+        torch.testing.assert_close(y16.float(), ref.float(), rtol=3e-2, atol=3e-2)
+    ran.clear()
+    mlp(x.float())  # parameters need gradients: the plain path, no kernel
+    assert not ran
+
+
+def test_decode_under_bf16_autocast_matches_general_path():
+    """fp32 weights under bf16 autocast (how ``compare`` measures decode): the decode kernel reads the fp32
+    weights as they are; the output has x's dtype, as the general path's, and is close to it."""
+    layer = _layer("loop", n_shared_experts=1).float()
+    x = _x((1, 3)).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        general = layer(x).out
+        with torch.no_grad():
+            fast = layer(x, aux=False).out
+    assert fast.dtype == general.dtype == x.dtype
+    torch.testing.assert_close(fast.float(), general.detach().float(), rtol=3e-2, atol=3e-2)
