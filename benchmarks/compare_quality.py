@@ -37,15 +37,36 @@ from moekit.train import DataSpec, TrainConfig  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 
 
+def probe_model(moe: MoEConfig, name: str) -> ModelConfig:
+    """The probe's shape: byte-level, d=192, 4 layers; the dense-active twin's width follows from the costs."""
+    return ModelConfig(vocab_size=256, dim=192, n_layers=4, n_heads=6, ffn_dim=512, max_seq_len=256, moe=moe,
+                       name=name)
+
+
 def moe_config(n_experts: int, top_k: int, expert_ffn_dim: int, expert_bias: bool,
                bias_rate: float = 1e-3) -> ModelConfig:
-    """The probe's shape: byte-level, d=192, 4 layers; dense-active twin width follows from the costs."""
     bias = f"-bias{bias_rate:g}" if expert_bias else ""
-    return ModelConfig(vocab_size=256, dim=192, n_layers=4, n_heads=6, ffn_dim=512, max_seq_len=256,
-                       moe=MoEConfig(n_experts=n_experts, top_k=top_k, expert_ffn_dim=expert_ffn_dim,
-                                     aux_loss_coef=0.0 if expert_bias else 0.01, expert_bias=expert_bias,
-                                     bias_update_rate=bias_rate),
-                       name=f"q-e{n_experts}k{top_k}f{expert_ffn_dim}{bias}")
+    return probe_model(MoEConfig(n_experts=n_experts, top_k=top_k, expert_ffn_dim=expert_ffn_dim,
+                                 aux_loss_coef=0.0 if expert_bias else 0.01, expert_bias=expert_bias,
+                                 bias_update_rate=bias_rate),
+                       f"q-e{n_experts}k{top_k}f{expert_ffn_dim}{bias}")
+
+
+def budget_train_config(tokens: float, batch_size: int, seq_len: int, lr: float, seed: int = 0) -> TrainConfig:
+    """Warmup (10% up to 100 steps) + cosine over the token budget, 20 validation points."""
+    steps = max(10, int(tokens // (batch_size * seq_len)))
+    return TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
+                       warmup_steps=min(100, steps // 10), eval_every=max(1, steps // 20), eval_batches=16,
+                       log_every=max(1, steps // 50))
+
+
+def corpus_specs() -> dict[str, DataSpec]:
+    """The built-in corpus, and WikiText-2 (train on valid, validate on test) when ../shared/data has it."""
+    specs = {"stdlib": DataSpec(corpus="stdlib")}
+    if (SHARED / "wikitext2-valid.txt").is_file():
+        specs["wikitext2"] = DataSpec(corpus=str(SHARED / "wikitext2-valid.txt"),
+                                      val_path=str(SHARED / "wikitext2-test.txt"))
+    return specs
 
 
 def budget_matched(cfg: ModelConfig, tc: TrainConfig, spec: DataSpec, runs: Path, fractions: list[float],
@@ -96,15 +117,8 @@ def main() -> None:
     args = p.parse_args()
     _tune_allocator([sys.executable, *sys.argv])
 
-    tokens_per_step = args.batch_size * args.seq_len
-    steps = max(10, int(args.tokens // tokens_per_step))
-    tc = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                     warmup_steps=min(100, steps // 10), eval_every=max(1, steps // 20), eval_batches=16,
-                     log_every=max(1, steps // 50))
-    specs = {"stdlib": DataSpec(corpus="stdlib")}
-    if (SHARED / "wikitext2-valid.txt").is_file():
-        specs["wikitext2"] = DataSpec(corpus=str(SHARED / "wikitext2-valid.txt"),
-                                      val_path=str(SHARED / "wikitext2-test.txt"))
+    tc = budget_train_config(args.tokens, args.batch_size, args.seq_len, args.lr)
+    specs = corpus_specs()
     out = Path(args.out)
     summary = {}
     for corpus in args.corpora.split(","):

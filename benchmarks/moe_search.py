@@ -27,13 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from compare_quality import budget_train_config, corpus_specs, probe_model  # noqa: E402  (same directory)
+
 from moekit.cli import _tune_allocator  # noqa: E402
 from moekit.compare import _run_isolated, crossover_tokens  # noqa: E402
 from moekit.config import ModelConfig, MoEConfig  # noqa: E402
 from moekit.costs import dense_twin  # noqa: E402
-from moekit.train import DataSpec, TrainConfig  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
 VARIANT = re.compile(r"e(\d+)k(\d+)f(\d+)(?:s(\d+))?(?:-aux([0-9.e-]*))?(?:-br([0-9.e-]+))?(-sig)?"
                      r"(?:-rlr([0-9.]+))?$")
 
@@ -51,9 +51,7 @@ def variant_config(spec: str) -> tuple[ModelConfig, float]:
     moe = MoEConfig(n_experts=e, top_k=k, expert_ffn_dim=f, aux_loss_coef=aux_coef, expert_bias=not aux,
                     bias_update_rate=rate, score_func="sigmoid" if sigmoid else "softmax",
                     n_shared_experts=1 if shared else 0, shared_expert_ffn_dim=shared or None)
-    cfg = ModelConfig(vocab_size=256, dim=192, n_layers=4, n_heads=6, ffn_dim=512, max_seq_len=256, moe=moe,
-                      name=f"search-{spec}")
-    return cfg, rlr
+    return probe_model(moe, f"search-{spec}"), rlr
 
 
 def main() -> None:
@@ -76,13 +74,11 @@ def main() -> None:
         if abs(dense_twin(cfg, "active").ffn_dim - dense.ffn_dim) > 0.02 * dense.ffn_dim:
             raise ValueError(f"--variants: {name} has dense-active width {dense_twin(cfg, 'active').ffn_dim}, "
                              f"the first variant {dense.ffn_dim}; compare variants of one active width")
-    steps = max(10, int(args.tokens // (args.batch_size * args.seq_len)))
-    tc = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-                     warmup_steps=min(100, steps // 10), eval_every=max(1, steps // 20), eval_batches=16,
-                     log_every=max(1, steps // 50))
-    spec = DataSpec(corpus="stdlib")
-    if args.corpus == "wikitext2":
-        spec = DataSpec(corpus=str(SHARED / "wikitext2-valid.txt"), val_path=str(SHARED / "wikitext2-test.txt"))
+    tc = budget_train_config(args.tokens, args.batch_size, args.seq_len, args.lr, args.seed)
+    specs = corpus_specs()
+    if args.corpus not in specs:
+        raise SystemExit(f"--corpus: {args.corpus} is not available (WikiText-2 needs ../shared/data)")
+    spec = specs[args.corpus]
     spec.load(progress=True)  # tokenize once; the children find the cache
     out = Path(args.out)
     runs = out / "runs" / f"search-{args.corpus}-s{args.seed}"

@@ -257,8 +257,7 @@ class Experts(nn.Module):
         """Can ``decode`` run this call? A few tokens (generation), no autograd, CPU, loop or auto."""
         if self.backend not in ("auto", "loop") or x_TD.device.type != "cpu" or x_TD.shape[0] * top_k > DECODE_MAX_ROWS:
             return False
-        needs_grad = x_TD.requires_grad or any(p.requires_grad for p in self.parameters())
-        return not torch.is_grad_enabled() or not needs_grad
+        return not _needs_grad(x_TD, self)
 
     def decode(self, x_TD: Tensor, topk_idx_TK: Tensor, topk_weight_TK: Tensor) -> Tensor:
         """out_TD = sum_k w_tk expert_{e_tk}(x_t) for a few tokens (inference), without a dispatch plan; only
