@@ -547,12 +547,8 @@ _ROW_BLOCK = 32
 _JIT_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _jit_rows(t: Tensor) -> bool:
-    return t.dtype in _JIT_DTYPES and t.device.type == "cpu"
-
-
 def _bulk_rows(n: int, t: Tensor) -> int:
-    return n - n % _ROW_BLOCK if _jit_rows(t) else n
+    return n - n % _ROW_BLOCK if t.dtype in _JIT_DTYPES and t.device.type == "cpu" else n
 
 
 def _padded_tail(name: str, rows_rK: Tensor) -> Tensor:
@@ -581,15 +577,15 @@ def _mm_weight(a_nM: Tensor, b_nN: Tensor, out_MN: Tensor) -> None:
     padding rows are zero in both operands, so they add nothing)."""
     n = a_nM.shape[0]
     bulk = _bulk_rows(n, a_nM)
-    if bulk < n and _jit_rows(a_nM):
-        tail_a, tail_b = _padded_tail("tail_a", a_nM[bulk:]), _padded_tail("tail_b", b_nN[bulk:])
-        if bulk:
-            torch.mm(a_nM[:bulk].t(), b_nN[:bulk], out=out_MN)
-            out_MN.addmm_(tail_a.t(), tail_b)
-        else:
-            torch.mm(tail_a.t(), tail_b, out=out_MN)
-    else:
+    if bulk == n:  # no tail (always so outside the oneDNN dtypes)
         torch.mm(a_nM.t(), b_nN, out=out_MN)
+        return
+    tail_a, tail_b = _padded_tail("tail_a", a_nM[bulk:]), _padded_tail("tail_b", b_nN[bulk:])
+    if bulk:
+        torch.mm(a_nM[:bulk].t(), b_nN[:bulk], out=out_MN)
+        out_MN.addmm_(tail_a.t(), tail_b)
+    else:
+        torch.mm(tail_a.t(), tail_b, out=out_MN)
 
 
 def _flops(A: int, w_in_EID: Tensor, w_out_EDF: Tensor) -> float:
