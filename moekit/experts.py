@@ -25,7 +25,7 @@ Backends (all take rows already sorted by expert, see ``dispatch.py``):
             backend on the CPU, grouped elsewhere), so routing changes never recompile
 loop and grouped share one autograd Function with a hand-written backward (see "execution" below).
 Inference on a few tokens (generation) bypasses the backends: ``Experts.decode`` (and the dense MLP for one
-token) runs one compiled kernel that reads only the chosen experts' weights (``_DecodeKernel``).
+token) runs one compiled kernel that reads only the chosen experts' weights (``_DECODE_KERNEL``).
 ``auto`` picks, and logs: on the CPU the threaded loop when it can use two or more threads on a call of
 useful size (the fastest there, benchmarks/RESULTS.md); otherwise ``grouped`` when one capability check
 (a tiny grouped_mm on the device and dtype) passes, else ``loop``. A backend requested explicitly that
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from moekit.compiled import InductorFn
 from moekit.dispatch import DispatchPlan
 
 log = logging.getLogger("moekit")
@@ -79,7 +80,7 @@ def ffn(x_AD: Tensor, w_in_ID: Tensor, w_out_DF: Tensor, activation: str, b_in_I
     return F.linear(activate(F.linear(x_AD, w_in_ID, b_in_I), activation, limit, alpha), w_out_DF, b_out_D)
 
 
-def _experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor,
+def experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor,
                     b_in_EI: Tensor | None, b_out_ED: Tensor | None, activation: str, limit: float,
                     alpha: float) -> Tensor:
     """out_t = sum_k w_tk expert_{e_tk}(x_t) for a few tokens, written as gathers of the chosen experts' weights
@@ -99,38 +100,15 @@ def _experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: T
     return (y_TKD * weight_TK.to(acc)[:, :, None]).sum(1).to(x_TD.dtype)
 
 
-class _DecodeKernel:
-    """The few-token inference step (generation) through inductor, once per dtype/activation (dynamic shapes).
-
-    Decoding is bound by reading the active experts' weights, and PyTorch's eager CPU matrix-vector products
-    read them slowly (torch.mv = MKL sgemv runs on one thread here; bf16 mv converts slowly): on [2816, 512] +
-    [512, 1408] weights cycled over 8 experts, torch.mv reads 11 GB/s fp32 and 9 GB/s bf16, an inductor
-    multiply-reduce 26 and 19 GB/s (benchmarks/RESULTS.md, "decode"). One compiled call also replaces the
-    ~20 small ops per layer of the eager path (host read of the routing, per-expert products, activation,
-    weighted sum). Where inductor cannot build (no C++ compiler) it warns once and the eager per-expert path
-    runs instead; ``MOEKIT_DECODE_KERNEL=eager`` selects that path."""
-
-    def __init__(self) -> None:
-        self.fn = None
-        self.enabled = os.environ.get("MOEKIT_DECODE_KERNEL", "compiled") != "eager"
-
-    def __call__(self, *args) -> Tensor | None:
-        """The compiled ``_experts_decode(*args)``, or None when it is not available."""
-        if not self.enabled:
-            return None
-        try:
-            if self.fn is None:
-                log.info("decode kernel: compiled with torch.compile on first use (a few seconds)")
-                self.fn = torch.compile(_experts_decode, dynamic=True)
-            return self.fn(*args)
-        except Exception as e:  # inductor could not build the kernel: the eager path from now on
-            log.warning("compiled decode kernel unavailable (%s: %s); using the eager path",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.enabled = False
-            return None
-
-
-_DECODE_KERNEL = _DecodeKernel()
+# The few-token inference step (generation) through TorchInductor (moekit/compiled.py). Decoding is bound by
+# reading the active experts' weights, and PyTorch's eager CPU matrix-vector products read them slowly
+# (torch.mv = MKL sgemv runs on one thread here; bf16 mv converts slowly): on [2816, 512] + [512, 1408]
+# weights cycled over 8 experts, torch.mv reads 11 GB/s fp32 and 9 GB/s bf16, an inductor multiply-reduce
+# 26 and 19 GB/s (benchmarks/RESULTS.md, "decode"). One compiled call also replaces the ~20 small ops per
+# layer of the eager path (host read of the routing, per-expert products, activation, weighted sum).
+# Where inductor cannot build (no C++ compiler) it warns once and the eager per-expert path runs instead;
+# ``MOEKIT_DECODE_KERNEL=eager`` selects that path.
+_DECODE_KERNEL = InductorFn(experts_decode, "decode kernel")
 
 
 class MLP(nn.Module):
@@ -168,13 +146,13 @@ def _needs_grad(x: Tensor, module: nn.Module) -> bool:
 
 
 def _decode_one_expert(mlp: MLP, x: Tensor) -> Tensor | None:
-    x_1D = x.detach().reshape(1, -1).to(_compute_dtype(x))  # weights stay in their dtype (see Experts.decode)
+    x_1D = x.detach().reshape(1, -1).to(compute_dtype(x))  # weights stay in their dtype (see Experts.decode)
     one = torch.ones(1, 1, dtype=x_1D.dtype)
     zero = torch.zeros(1, 1, dtype=torch.long)
     b_in = None if mlp.b_in is None else mlp.b_in.detach()[None]
     b_out = None if mlp.b_out is None else mlp.b_out.detach()[None]
-    out = _DECODE_KERNEL(x_1D, zero, one, mlp.w_in.detach()[None], mlp.w_out.detach()[None], b_in, b_out,
-                         mlp.activation, mlp.limit, mlp.alpha)
+    out = _DECODE_KERNEL((x_1D, zero, one, mlp.w_in.detach()[None], mlp.w_out.detach()[None], b_in, b_out),
+                         (mlp.activation, mlp.limit, mlp.alpha))
     return None if out is None else out.view(*x.shape[:-1], -1)
 
 
@@ -225,11 +203,11 @@ class Experts(nn.Module):
     def cast_input(self, x: Tensor) -> Tensor:
         """x in the experts' compute dtype (the autocast dtype under autocast): ``MoE`` casts the T token rows
         before copying them to the T * K expert rows, instead of casting the copies."""
-        return x.to(_compute_dtype(x))
+        return x.to(compute_dtype(x))
 
     def forward(self, x_AD: Tensor, plan: DispatchPlan) -> Tensor:
         """Run each expert on its contiguous slice of the sorted rows."""
-        dtype = _compute_dtype(x_AD)
+        dtype = compute_dtype(x_AD)
         x_AD = x_AD.to(dtype).contiguous()
         w_in_EID, w_out_EDF = self.w_in.to(dtype), self.w_out.to(dtype)
         backend = select_backend(self.backend, x_AD.device, dtype, widths=(self.dim, self.ffn_dim), rows=x_AD.shape[0])
@@ -253,6 +231,11 @@ class Experts(nn.Module):
     def _grouped(self, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, plan: DispatchPlan) -> Tensor:
         return self._fused(x_AD, w_in_EID, w_out_EDF, plan, grouped=True)
 
+    def decode_weights(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """w_in, w_out, b_in, b_out as the decode kernel reads them: detached, in their stored dtype."""
+        return (self.w_in.detach(), self.w_out.detach(), None if self.b_in is None else self.b_in.detach(),
+                None if self.b_out is None else self.b_out.detach())
+
     def decode_eligible(self, x_TD: Tensor, top_k: int) -> bool:
         """Can ``decode`` run this call? A few tokens (generation), no autograd, CPU, loop or auto."""
         if self.backend not in ("auto", "loop") or x_TD.device.type != "cpu" or x_TD.shape[0] * top_k > DECODE_MAX_ROWS:
@@ -261,17 +244,15 @@ class Experts(nn.Module):
 
     def decode(self, x_TD: Tensor, topk_idx_TK: Tensor, topk_weight_TK: Tensor) -> Tensor:
         """out_TD = sum_k w_tk expert_{e_tk}(x_t) for a few tokens (inference), without a dispatch plan; only
-        the active experts' weights are read. The compiled decode kernel (``_DecodeKernel``) when available;
+        the active experts' weights are read. The compiled decode kernel (``_DECODE_KERNEL``) when available;
         else each active expert runs once on its tokens (matrix-vector products for a single token) and its
         output is added into the token's row with the combine weight as the scale."""
-        dtype = _compute_dtype(x_TD)
+        dtype = compute_dtype(x_TD)
         x_TD = x_TD.detach().to(dtype)
         # the kernel reads the weights in their stored dtype (fp32 weights under bf16 autocast are converted in
         # registers: casting all E experts first would read and write every expert's weights for one token)
-        out_TD = _DECODE_KERNEL(x_TD, topk_idx_TK, topk_weight_TK, self.w_in.detach(), self.w_out.detach(),
-                                None if self.b_in is None else self.b_in.detach(),
-                                None if self.b_out is None else self.b_out.detach(),
-                                self.activation, self.limit, self.alpha)
+        out_TD = _DECODE_KERNEL((x_TD, topk_idx_TK, topk_weight_TK, *self.decode_weights()),
+                                (self.activation, self.limit, self.alpha))
         if out_TD is not None:
             return out_TD
         w_in_EID, w_out_EDF = self.w_in.to(dtype), self.w_out.to(dtype)
@@ -778,7 +759,7 @@ def _experts_ffn_grad(ctx, dy, *_unused):
 _experts_ffn_op.register_autograd(_experts_ffn_grad, setup_context=_experts_ffn_setup)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     """The autocast dtype when autocast is on (grouped_mm is not on autocast's op lists), else x's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from moekit.compiled import InductorFn
 from moekit.config import MoEConfig
 from moekit.dispatch import DispatchPlan, gather_rows, plan_dispatch
-from moekit.experts import MLP, Experts
+from moekit.experts import MLP, Experts, compute_dtype, experts_decode
 from moekit.losses import expert_counts, router_z_loss, seq_aux_loss, switch_aux_loss
-from moekit.router import Router, RoutingResult
+from moekit.router import Router, RouteSpec, RoutingResult, route, router_logits
 
 
 @dataclass
@@ -73,9 +74,14 @@ class MoE(nn.Module):
 
     def _forward(self, x: Tensor, aux: bool = True) -> MoEOutput:
         x_TD = x.reshape(-1, self.dim)
+        decode = (self.dispatcher is None and self.config.capacity_factor is None
+                  and self.experts.decode_eligible(x_TD, self.config.top_k))
+        if decode and not aux and not self.router.noisy:                # generation: route + experts, one kernel
+            out_TD = self._routed_decode(x_TD)
+            if out_TD is not None:
+                return MoEOutput(self._add_shared(out_TD.to(x.dtype), x_TD).view(x.shape), None, None, None)
         routing = self.router(x_TD)                                     # route
-        if (self.dispatcher is None and self.config.capacity_factor is None
-                and self.experts.decode_eligible(x_TD, self.config.top_k)):
+        if decode:
             return self._decode(x, x_TD, routing, aux)
         plan = plan_dispatch(routing, self.config)                      # dispatch: sort rows by expert
         x_AD = gather_rows(self.experts.cast_input(x_TD), plan)         # cast before the copy (K x smaller)
@@ -96,6 +102,15 @@ class MoE(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD.to(out_TD.dtype)
         return out_TD
+
+    def _routed_decode(self, x_TD: Tensor) -> Tensor | None:
+        """The router and the experts on a few tokens in one compiled call (``_ROUTED_DECODE``), or None
+        where it cannot run (then the router and ``_decode`` run separately)."""
+        r, ex = self.router, self.experts
+        return _ROUTED_DECODE(
+            (x_TD.detach(), r.weight.detach(), None if r.bias is None else r.bias.detach(), r.expert_bias,
+             *ex.decode_weights()),
+            (RouteSpec.of(self.config), compute_dtype(x_TD), ex.activation, ex.limit, ex.alpha))
 
     def _decode(self, x: Tensor, x_TD: Tensor, routing: RoutingResult, aux: bool) -> MoEOutput:
         """Inference on a few tokens (generation), dropless: no dispatch plan, no sort, no gathers (the
@@ -122,6 +137,20 @@ class MoE(nn.Module):
                 routing.probs_TE.view(B, -1, E), routing.topk_idx_TK.view(B, -1, K))
         z_loss = cfg.z_loss_coef * router_z_loss(routing.logits_TE) if cfg.z_loss_coef > 0 else lb_loss.new_zeros(())
         return aux_loss, z_loss, lb_loss.detach()
+
+
+def _routed_decode(x_TD: Tensor, router_w_ED: Tensor, router_b_E: Tensor | None, expert_bias_E: Tensor | None,
+                   w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI: Tensor | None, b_out_ED: Tensor | None,
+                   spec: RouteSpec, dtype: torch.dtype, activation: str, limit: float, alpha: float) -> Tensor:
+    """Route (``Router`` without training noise) and run the chosen experts (``experts.experts_decode``)
+    for a few tokens: the same values as the two run separately; compiled, one call per MoE layer."""
+    routing = route(router_logits(x_TD, router_w_ED, router_b_E), spec, expert_bias_E)
+    return experts_decode(x_TD.to(dtype), routing.topk_idx_TK, routing.topk_weight_TK, w_in_EID, w_out_EDF,
+                           b_in_EI, b_out_ED, activation, limit, alpha)
+
+
+# one call per MoE layer and generated token: torch.compile's own per-call cost would be as large as the router
+_ROUTED_DECODE = InductorFn(_routed_decode, "routed decode kernel")
 
 
 @dataclass

@@ -19,6 +19,7 @@ here): bf16 routers flip expert choices on near-ties (vLLM PR #58076) and are a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,23 @@ class RoutingResult:
         """
         s = self.scores_TE
         return s if self.softmax_scores else s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
+class RouteSpec(NamedTuple):
+    """The ``MoEConfig`` fields ``route`` reads, hashable: the constants of a compiled decode step."""
+
+    top_k: int
+    score_func: str
+    n_groups: int
+    topk_groups: int
+    group_score: str
+    softmax_after_topk: bool
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+
+    @classmethod
+    def of(cls, cfg: MoEConfig) -> RouteSpec:
+        return cls(*(getattr(cfg, f) for f in cls._fields))
 
 
 class Router(nn.Module):
@@ -90,11 +108,16 @@ class Router(nn.Module):
                 # multiplicative jitter on the router input (Switch Transformer §2.4)
                 eps = cfg.input_jitter_eps
                 x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-            logits_TE = F.linear(x_TD, self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+            logits_TE = router_logits(x_TD, self.weight, self.bias)
             if self.training and cfg.logit_noise_std > 0:
                 # noisy top-k gating (Shazeer et al. 2017, eq. 4), fixed noise scale
                 logits_TE = logits_TE + torch.randn_like(logits_TE) * cfg.logit_noise_std
             return route(logits_TE, cfg, self.expert_bias)
+
+    @property
+    def noisy(self) -> bool:
+        """Does this forward add training noise (input jitter, logit noise)?"""
+        return self.training and (self.config.input_jitter_eps > 0 or self.config.logit_noise_std > 0)
 
     @torch.no_grad()
     def update_bias(self, load_E: Tensor) -> None:
@@ -110,7 +133,13 @@ class Router(nn.Module):
         self.expert_bias += self.config.bias_update_rate * torch.sign(load_E.mean() - load_E)
 
 
-def route(logits_TE: Tensor, cfg: MoEConfig, expert_bias_E: Tensor | None = None) -> RoutingResult:
+def router_logits(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor | None) -> Tensor:
+    """logits = x W^T + b in x's dtype promoted to at least fp32 (see the module docstring)."""
+    dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    return F.linear(x_TD.to(dtype), weight_ED.to(dtype), None if bias_E is None else bias_E.to(dtype))
+
+
+def route(logits_TE: Tensor, cfg: MoEConfig | RouteSpec, expert_bias_E: Tensor | None = None) -> RoutingResult:
     """Scores, group-limited top-k selection and combine weights, from fp32 logits."""
     K = cfg.top_k
     softmax = cfg.score_func == "softmax"

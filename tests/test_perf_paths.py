@@ -19,6 +19,8 @@ import torch
 from reference import ref_moe, state_dict64
 
 import moekit.experts as experts_mod
+import moekit.moe as moe_mod
+from moekit.compiled import InductorFn
 from moekit.config import MoEConfig
 from moekit.experts import _SCRATCH, ffn, release_scratch, select_backend
 from moekit.moe import MoE
@@ -233,14 +235,15 @@ def test_decode_path_matches_reference_and_general_path(monkeypatch, kernel, thr
     monkeypatch.setattr(experts_mod._EXPERT_THREADS, "min_flops", 0.0)
     monkeypatch.setattr(experts_mod._DECODE_KERNEL, "enabled", kernel == "compiled")
     kernel_ran = []
-    original_kernel = experts_mod._DecodeKernel.__call__
+    original_kernel = InductorFn.__call__
 
     def spy(self, *a):
         out = original_kernel(self, *a)
-        kernel_ran.append(out is not None)
+        if self is experts_mod._DECODE_KERNEL:
+            kernel_ran.append(out is not None)
         return out
 
-    monkeypatch.setattr(experts_mod._DecodeKernel, "__call__", spy)
+    monkeypatch.setattr(InductorFn, "__call__", spy)
     try:
         shape, kw, bias = CASES[case]
         layer = _layer("loop", router_bias=bias, **kw)
@@ -279,8 +282,59 @@ def test_decode_path_aux_false_same_output(monkeypatch, case):
         with torch.no_grad():
             full, lean = layer(x), layer(x, aux=False)
         assert lean.aux_loss is None and lean.z_loss is None and lean.stats is None
-        torch.testing.assert_close(lean.out, full.out, rtol=0, atol=0)
+        # T <= 8: router and experts in one compiled kernel (other fusion, other rounding) against two calls
+        torch.testing.assert_close(lean.out, full.out, rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(lean.out, ref_moe(x, state_dict64(layer), layer.config).out, rtol=1e-9, atol=1e-10)
+
+
+ROUTINGS = {
+    "softmax": dict(),
+    "softmax-after-topk": dict(softmax_after_topk=True, top_k=3),
+    "sigmoid-groups-bias": dict(score_func="sigmoid", expert_bias=True, n_groups=3, topk_groups=2,
+                                norm_topk_prob=True, routed_scaling_factor=2.5),
+    "router-bias-gelu-shared": dict(activation="gelu", ffn_bias=True, n_shared_experts=1, shared_expert_gate=True),
+}
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_routed_decode_kernel_matches_reference(monkeypatch, routing, seed):
+    """Generation (aux=False, T*K <= DECODE_MAX_ROWS) runs the router and the experts as one compiled kernel
+    (``moe._ROUTED_DECODE``): the float64 reference's output for every routing option, T = 1, 3, 8."""
+    kw = dict(ROUTINGS[routing])
+    top_k = kw.pop("top_k", K)
+    ran = []
+    original = InductorFn.__call__
+    monkeypatch.setattr(InductorFn, "__call__",
+                        lambda self, *a: ran.append(self) or original(self, *a))
+    layer = _layer("loop", seed=seed, router_bias=[0.3, -0.2, 0.0, 0.1, -0.4, 0.2] if "bias" in routing else None,
+                   **kw)
+    layer.config.top_k = layer.router.config.top_k = top_k
+    if layer.router.expert_bias is not None:
+        layer.router.expert_bias.copy_(torch.randn(E, generator=torch.Generator().manual_seed(seed), dtype=F64))
+    for T in (1, 3, 5):
+        x = _x((T,), seed=seed * 10 + T)
+        ran.clear()
+        with torch.no_grad():
+            lean = layer(x, aux=False).out
+        # the routed experts: the fused kernel, once (a shared expert may run the one-token MLP kernel after it)
+        assert ran[0] is moe_mod._ROUTED_DECODE and ran.count(moe_mod._ROUTED_DECODE) == 1
+        torch.testing.assert_close(lean, ref_moe(x, state_dict64(layer), layer.config).out, rtol=1e-9, atol=1e-10)
+
+
+def test_routed_decode_kernel_fallbacks(monkeypatch):
+    """Where the fused kernel cannot run (disabled, as after a failed build) the router and the experts run
+    separately with the same result; a router adding training noise never takes the fused kernel."""
+    layer = _layer("loop", input_jitter_eps=0.1)
+    x = _x((3,), seed=4)
+    with torch.no_grad():
+        fused = layer.eval()(x, aux=False).out
+        monkeypatch.setattr(moe_mod._ROUTED_DECODE, "enabled", False)
+        separate = layer(x, aux=False).out
+        torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-13)
+        monkeypatch.setattr(moe_mod._ROUTED_DECODE, "enabled", True)
+        monkeypatch.setattr(MoE, "_routed_decode", lambda *a: pytest.fail("fused kernel with a noisy router"))
+        layer.train()(x, aux=False)  # training mode under no_grad: jitter on, the separate path
 
 
 def test_decode_path_not_taken_with_capacity_or_grad():
@@ -397,8 +451,8 @@ def test_dense_mlp_one_token_decode_kernel(monkeypatch, activation, bias):
     """One token without autograd (generation) runs the dense MLP through the decode kernel (a one-expert MoE):
     the same values as ``ffn``, in float64, fp32 and under bf16 autocast."""
     ran = []
-    original = experts_mod._DecodeKernel.__call__
-    monkeypatch.setattr(experts_mod._DecodeKernel, "__call__", lambda self, *a: ran.append(1) or original(self, *a))
+    original = InductorFn.__call__
+    monkeypatch.setattr(InductorFn, "__call__", lambda self, *a: ran.append(self) or original(self, *a))
     torch.manual_seed(0)
     mlp = experts_mod.MLP(D, 12, activation, bias=bias, swiglu_limit=1.5).double()
     with torch.no_grad():
