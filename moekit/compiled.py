@@ -33,8 +33,10 @@ log = logging.getLogger("moekit")
 class InductorFn:
     """``fn(*tensors, *consts)`` compiled per signature; ``__call__`` returns None when it cannot run."""
 
-    def __init__(self, fn: Callable[..., Tensor], name: str):
+    def __init__(self, fn: Callable[..., Tensor], name: str, static_dims: dict[int, tuple[int, ...]] | None = None):
         self.fn, self.name = fn, name
+        # {argument position: dims kept static (their sizes join the signature)}
+        self.static_dims = static_dims or {}
         self.enabled = os.environ.get("MOEKIT_DECODE_KERNEL", "compiled") != "eager"
         self._compiled: dict[tuple, Callable[..., Tensor]] = {}
         self._lock = threading.Lock()
@@ -43,7 +45,8 @@ class InductorFn:
         if not self.enabled:
             return None
         key = (consts, tuple(None if t is None else (t.dtype, t.is_contiguous(), *(s == 1 for s in t.shape))
-                             for t in tensors))
+                             for t in tensors),
+               tuple(tensors[i].shape[d] for i, dims in self.static_dims.items() for d in dims))
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._build(key, tensors, consts)
@@ -53,7 +56,6 @@ class InductorFn:
 
     def _build(self, key: tuple, tensors: tuple[Tensor | None, ...], consts: tuple) -> Callable[..., Tensor] | None:
         import torch._inductor
-        from torch.fx.experimental import _config as fx_config
         from torch.fx.experimental.proxy_tensor import make_fx
 
         where = [t is not None for t in tensors]
@@ -71,8 +73,7 @@ class InductorFn:
                 device = next(t for t in tensors if t is not None).device.type
                 # (inductor traces the graph again: under autocast that trace would insert the casts)
                 with torch.no_grad(), torch.autocast(device, enabled=False):
-                    with fx_config.patch(use_duck_shape=False):
-                        gm = make_fx(graph_fn, tracing_mode="symbolic")(*[t for t in tensors if t is not None])
+                    gm = make_fx(graph_fn, tracing_mode="symbolic")(*self._fakes(tensors))
                     example = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
                     compiled = torch._inductor.compile(gm, example)
             except Exception as e:  # noqa: BLE001 (any build failure: the eager path from now on)
@@ -83,6 +84,23 @@ class InductorFn:
                 return None
             self._compiled[key] = compiled
             return compiled
+
+    def _fakes(self, tensors: tuple[Tensor | None, ...]) -> list[Tensor]:
+        """Fake inputs with a symbol for every size (no duck sizing: equal sizes do not tie), except the
+        static dims and sizes 0 and 1 (the shape environment specialises those)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+        mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False))
+        fakes = []
+        for i, t in enumerate(tensors):
+            if t is None:
+                continue
+            static = self.static_dims.get(i, ())
+            dims = [DimDynamic.STATIC if d in static else DimDynamic.DYNAMIC for d in range(t.dim())]
+            fakes.append(mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(
+                dynamic_sizes=dims, constraint_sizes=[None] * t.dim())))
+        return fakes
 
     def clear(self) -> None:
         """Forget the compiled kernels (tests)."""

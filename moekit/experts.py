@@ -108,7 +108,7 @@ def experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Te
 # layer of the eager path (host read of the routing, per-expert products, activation, weighted sum).
 # Where inductor cannot build (no C++ compiler) it warns once and the eager per-expert path runs instead;
 # ``MOEKIT_DECODE_KERNEL=eager`` selects that path.
-_DECODE_KERNEL = InductorFn(experts_decode, "decode kernel")
+_DECODE_KERNEL = InductorFn(experts_decode, "decode kernel", static_dims={1: (1,), 2: (1,)})
 
 
 class MLP(nn.Module):

@@ -99,3 +99,12 @@ def test_wrong_shapes_are_refused_by_the_compiled_code(seed):
     fn((x, w, b), (1.0,))
     with pytest.raises(Exception):  # noqa: B017 (inductor raises AssertionError or RuntimeError)
         fn((torch.randn(3, 9), w, b), (1.0,))
+
+
+def test_static_dims_join_the_signature():
+    """A dim kept static (the decode kernels' top-k width) builds once per size; the others stay symbols."""
+    fn = InductorFn(_affine, "test affine", static_dims={1: (0,)})
+    for T, D, N in [(3, 8, 4), (5, 16, 4), (3, 8, 6), (4, 12, 6)]:
+        x, w, b = _args(T, D, N, seed=T + N)
+        torch.testing.assert_close(fn((x, w, b), (1.0,)), _affine(x, w, b, 1.0))
+    assert len(fn._compiled) == 2
