@@ -144,6 +144,31 @@ def test_expert_threads_match_reference(two_threads, mode, case):
             assert float(grads["experts.w_out"][e].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", ["dropless", "cap-reroute"])
+def test_batched_tails_match_reference_in_float64(monkeypatch, threads, case, mode):
+    """The bulk + tail split of the oneDNN dtypes (``experts._Tails``: every expert's < _ROW_BLOCK tail rows in
+    one batched GEMM per stage, before or after the per-expert work), run in float64 with a 10-row block so that
+    bulk-and-tail, tail-only, bulk-only and empty experts all occur: the reference's forward and gradients, inline
+    and on the expert threads, with biases, shared experts, capacity."""
+    monkeypatch.setattr(experts_mod, "_JIT_DTYPES", (torch.float64,))
+    monkeypatch.setattr(experts_mod, "_ROW_BLOCK", 10)
+    monkeypatch.setattr(experts_mod._EXPERT_THREADS, "min_flops", 0.0 if threads == 2 else math.inf)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, kw, bias = CASES[case]
+        shape = (1,) if case == "T1" else (4, 9)
+        layer64 = _layer("loop", router_bias=bias, **kw, **MODES[mode])
+        _check(layer64, copy.deepcopy(layer64), shape)
+        rows = layer64(_x(shape)).stats.tokens_per_expert.tolist()
+        if (case, mode) == ("generic", "dropless"):  # all kinds occur: bulk + tail, tail only, bulk only
+            assert any(r > 10 and r % 10 for r in rows) and any(0 < r < 10 for r in rows) and 10 in rows, rows
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_expert_threads_carry_inference_and_grad_mode(two_threads):
     layer = _layer("loop")
     x = _x((3, 5))
