@@ -8,7 +8,8 @@ symbolic shapes (``make_fx``, no duck sizing, so every size is its own symbol), 
 inductor and calls the result directly:
 
   signature  the dtype, contiguity and which sizes are 1 of each tensor argument (0/1 sizes are specialised
-             while tracing), which arguments are None, and the constant (non-tensor) arguments.
+             while tracing), which arguments are None, the constant (non-tensor) arguments, and the sizes of
+             the dims the caller keeps static (``static_dims``: inductor plans its loops with the real size).
   safety     the compiled code asserts its inputs' sizes and strides against the traced symbols; the caller
              keeps the relations between shapes that tracing assumed (the decode callers pass a layer's
              own weights, whose shapes hold them by construction).
@@ -101,8 +102,3 @@ class InductorFn:
             fakes.append(mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(
                 dynamic_sizes=dims, constraint_sizes=[None] * t.dim())))
         return fakes
-
-    def clear(self) -> None:
-        """Forget the compiled kernels (tests)."""
-        with self._lock:
-            self._compiled.clear()

@@ -81,8 +81,8 @@ def ffn(x_AD: Tensor, w_in_ID: Tensor, w_out_DF: Tensor, activation: str, b_in_I
 
 
 def experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor,
-                    b_in_EI: Tensor | None, b_out_ED: Tensor | None, activation: str, limit: float,
-                    alpha: float) -> Tensor:
+                   b_in_EI: Tensor | None, b_out_ED: Tensor | None, activation: str, limit: float,
+                   alpha: float) -> Tensor:
     """out_t = sum_k w_tk expert_{e_tk}(x_t) for a few tokens, written as gathers of the chosen experts' weights
     and multiply-reduce. Compiled, it is one pass over each (token, expert) pair's weights (the gather becomes
     indirect loads inside the reduction, nothing is copied) with fp32 accumulation; an expert chosen by several
@@ -108,6 +108,8 @@ def experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Te
 # layer of the eager path (host read of the routing, per-expert products, activation, weighted sum).
 # Where inductor cannot build (no C++ compiler) it warns once and the eager per-expert path runs instead;
 # ``MOEKIT_DECODE_KERNEL=eager`` selects that path.
+# The top-k width K (idx_TK, weight_TK) is static: with a symbolic K inductor generated a single-threaded T=1
+# kernel (800 against 510 us, benchmarks/RESULTS.md).
 _DECODE_KERNEL = InductorFn(experts_decode, "decode kernel", static_dims={1: (1,), 2: (1,)})
 
 
