@@ -427,8 +427,12 @@ def child_allocator(spec: dict) -> None:
 
     fns = {n: step(c, list(dense.parameters()) if n == "dense" else list(moe.parameters())) for n, c in calls.items()}
     times = interleaved(fns, spec["steps"], warmup=2, before_round=lambda i: cur.update(x=xs[i % len(xs)]))
-    print(json.dumps({"median_s": {n: statistics.median(v) for n, v in times.items()},
-                      "maxrss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, the peak of this process's own memory map: ru_maxrss would also count the parent's RSS at the fork
+    # (Linux keeps the pre-exec high-water mark), which after the layer sections is gigabytes
+    from moekit.compare import _rss_bytes
+
+    peak = _rss_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"median_s": {n: statistics.median(v) for n, v in times.items()}, "maxrss_MiB": peak / 2**20}))
 
 
 def bench_allocator(T: int, dtype_name: str, rounds: int, steps: int) -> dict:
