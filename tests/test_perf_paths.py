@@ -472,9 +472,11 @@ def test_release_scratch_frees_the_pool():
 
 
 @pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gelu", True), ("swiglu_clamped", True)])
-def test_dense_mlp_one_token_decode_kernel(monkeypatch, activation, bias):
-    """One token without autograd (generation) runs the dense MLP through the decode kernel (a one-expert MoE):
-    the same values as ``ffn``, in float64, fp32 and under bf16 autocast."""
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_dense_mlp_few_rows_decode_kernel(monkeypatch, activation, bias, rows):
+    """A few rows without autograd (generation) run the dense MLP through the decode kernel (a one-expert MoE):
+    the same values as ``ffn``, in float64 and fp32 (up to 8 rows) and under bf16 autocast (one row; more rows
+    take oneDNN's GEMMs, same values)."""
     ran = []
     original = InductorFn.__call__
     monkeypatch.setattr(InductorFn, "__call__", lambda self, *a: ran.append(self) or original(self, *a))
@@ -483,18 +485,25 @@ def test_dense_mlp_one_token_decode_kernel(monkeypatch, activation, bias):
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0.0, 0.5)
-    x = _x((1, 1))
+    x = _x((1, rows))
     ref = ffn(x, mlp.w_in, mlp.w_out, activation, mlp.b_in, mlp.b_out, 1.5).detach()
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), ref, rtol=1e-12, atol=1e-12)
         assert ran
+        ran.clear()
         torch.testing.assert_close(mlp.float()(x.float()), ref.float(), rtol=1e-5, atol=1e-5)
+        assert ran
+        ran.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y16 = mlp(x.float())
         assert y16.dtype == torch.bfloat16
+        assert bool(ran) == (rows == 1)
         torch.testing.assert_close(y16.float(), ref.float(), rtol=3e-2, atol=3e-2)
     ran.clear()
     mlp(x.float())  # parameters need gradients: the plain path, no kernel
+    assert not ran
+    with torch.no_grad():
+        mlp(_x((1, 9)).float())  # more rows than the kernel takes
     assert not ran
 
 
