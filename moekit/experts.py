@@ -560,43 +560,66 @@ def _mm_weight(a_nM: Tensor, b_nN: Tensor, out_MN: Tensor) -> None:
 
 
 class _Tails:
-    """The < _ROW_BLOCK tail rows of every expert, run as ONE batched GEMM per stage over zero-padded
-    [E, _ROW_BLOCK, K] blocks (expert e's tail at block e): one GEMM shape whatever the routing (one oneDNN
-    primitive), and one call per stage instead of one small GEMM per expert (*ad hoc*, preset small's shapes
-    in bf16: E small GEMMs per stage cost ~3 ms per layer fwd+bwd). Each stage's tails run before or after
-    the per-expert work, wherever their inputs are ready."""
+    """The < _ROW_BLOCK tail rows of the experts, gathered into one zero-padded [U, _ROW_BLOCK, K] scratch block
+    per stage (block u: the u-th expert with a tail), so every tail GEMM has one shape whatever the routing (one
+    oneDNN primitive). When at least 3/4 of the E experts have a tail (training sizes) the blocks are all E,
+    indexed by expert, and each stage is ONE batched GEMM on the stacked weights in place: one call instead of E
+    small GEMMs (*ad hoc*, preset small's shapes in bf16: the E small GEMMs per stage cost ~3 ms per layer
+    fwd+bwd). When fewer do (a few tokens over many experts) each runs its own GEMM on its block: a batched GEMM
+    would compute and read every expert, or a gathered copy of the weights (*ad hoc*: 3 of 8 experts, bf16, 32 rows
+    on [512, 2816] weights: 884 us as 3 GEMMs, 3100 us batched over all 8, 6073 us gathered + batched). Each
+    stage's tails run before or after the per-expert work, wherever their inputs are ready."""
 
-    __slots__ = ("src", "dst", "E")
+    __slots__ = ("src", "dst", "experts", "U")
 
-    def __init__(self, src: Tensor, dst: Tensor, E: int):
-        self.src, self.dst, self.E = src, dst, E
+    def __init__(self, src: Tensor, dst: Tensor, experts: list[int] | None, U: int):
+        self.src, self.dst, self.experts, self.U = src, dst, experts, U
 
     @staticmethod
-    def of(seg: _Segments, t: Tensor) -> _Tails | None:
+    def of(seg: _Segments, t: Tensor, single_rows: bool = True) -> _Tails | None:
+        """``single_rows=False``: leave out experts with one row (the forward runs those as matrix-vector
+        products: no 32x padding)."""
+        spans = seg.spans if single_rows else [s for s in seg.spans if s[2] > 1]
+        tails = [(e, start + _bulk_rows(n, t), n - _bulk_rows(n, t)) for e, start, n in spans]
+        tails = [(e, start, r) for e, start, r in tails if r]
+        if not tails:
+            return None
+        E = seg.n_experts
+        few = 4 * len(tails) < 3 * E
         src: list[int] = []
         dst: list[int] = []
-        for e, start, n in seg.spans:
-            bulk = _bulk_rows(n, t)
-            src.extend(range(start + bulk, start + n))
-            dst.extend(range(e * _ROW_BLOCK, e * _ROW_BLOCK + n - bulk))
-        if not src:
-            return None
-        return _Tails(torch.tensor(src, device=t.device), torch.tensor(dst, device=t.device), seg.n_experts)
+        for u, (e, start, r) in enumerate(tails):
+            block = u if few else e
+            src.extend(range(start, start + r))
+            dst.extend(range(block * _ROW_BLOCK, block * _ROW_BLOCK + r))
+        return _Tails(torch.tensor(src, device=t.device), torch.tensor(dst, device=t.device),
+                      [e for e, _, _ in tails] if few else None, len(tails) if few else E)
 
     def block(self, name: str, rows_AK: Tensor) -> Tensor:
-        """The tails of rows_AK in a zero-padded [E, _ROW_BLOCK, K] scratch block."""
+        """The tails of rows_AK in a zero-padded [U, _ROW_BLOCK, K] scratch block."""
         K = rows_AK.shape[1]
-        block = _SCRATCH.get(name, (self.E * _ROW_BLOCK, K), rows_AK.dtype, rows_AK.device).zero_()
-        return block.index_copy_(0, self.dst, rows_AK.index_select(0, self.src)).view(self.E, _ROW_BLOCK, K)
+        block = _SCRATCH.get(name, (self.U * _ROW_BLOCK, K), rows_AK.dtype, rows_AK.device).zero_()
+        return block.index_copy_(0, self.dst, rows_AK.index_select(0, self.src)).view(self.U, _ROW_BLOCK, K)
 
     def mm(self, a_AK: Tensor, w_EKN: Tensor, out_AN: Tensor) -> None:
-        """out[tail rows of e] = a[tail rows of e] @ w[e] for every expert."""
-        res_EBN = torch.bmm(self.block("tail_a", a_AK), w_EKN)
-        out_AN.index_copy_(0, self.src, res_EBN.view(self.E * _ROW_BLOCK, -1).index_select(0, self.dst))
+        """out[tail rows of e] = a[tail rows of e] @ w[e] for every expert with a tail."""
+        a_UBK = self.block("tail_a", a_AK)
+        if self.experts is None:
+            res_UBN = torch.bmm(a_UBK, w_EKN)
+        else:
+            res_UBN = a_UBK.new_empty(self.U, _ROW_BLOCK, w_EKN.shape[2])
+            for u, e in enumerate(self.experts):
+                torch.mm(a_UBK[u], w_EKN[e], out=res_UBN[u])
+        out_AN.index_copy_(0, self.src, res_UBN.view(self.U * _ROW_BLOCK, -1).index_select(0, self.dst))
 
     def add_weight(self, a_AM: Tensor, b_AN: Tensor, out_EMN: Tensor) -> None:
         """out[e] += a[tail rows of e]^T b[tail rows of e] (the padding rows are zero in both operands)."""
-        out_EMN.baddbmm_(self.block("tail_a", a_AM).transpose(1, 2), self.block("tail_b", b_AN))
+        a_UMB, b_UBN = self.block("tail_a", a_AM).transpose(1, 2), self.block("tail_b", b_AN)
+        if self.experts is None:
+            out_EMN.baddbmm_(a_UMB, b_UBN)
+        else:
+            for u, e in enumerate(self.experts):
+                out_EMN[e].addmm_(a_UMB[u], b_UBN[u])
 
 
 def _flops(A: int, w_in_EID: Tensor, w_out_EDF: Tensor) -> float:
@@ -623,13 +646,13 @@ def _experts_forward(x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI:
 
     h_AI = x_AD.new_empty(A, I) if keep else _SCRATCH.get("h", (A, I), dt, dev)
     y_AD = x_AD.new_empty(A, w_out_EDF.shape[1])
-    tails = _Tails.of(seg, x_AD)
+    tails = _Tails.of(seg, x_AD, single_rows=False)
     if tails is not None:
         tails.mm(x_AD, w_in_EID.transpose(1, 2), h_AI)
 
     def expert(e: int, start: int, n: int) -> None:
         rows = slice(start, start + n)
-        if n == 1 and tails is None:  # one row: a matrix-vector product (bf16 mv reads ~1.3x faster than mm)
+        if n == 1:  # one row: a matrix-vector product (bf16 mv reads ~1.3x faster than mm)
             torch.mv(w_in_EID[e], x_AD[start], out=h_AI[start])
         else:
             _mm_rows(x_AD[rows], w_in_EID[e].t(), h_AI[rows])
@@ -637,7 +660,7 @@ def _experts_forward(x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI:
         if b_in_EI is not None:
             h += b_in_EI[e]
         act.forward_into(h, a_AF[rows], None if s_AF is None else s_AF[rows])
-        if n == 1 and tails is None:
+        if n == 1:
             torch.mv(w_out_EDF[e], a_AF[start], out=y_AD[start])
         else:
             _mm_rows(a_AF[rows], w_out_EDF[e].t(), y_AD[rows])

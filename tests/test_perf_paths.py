@@ -148,10 +148,12 @@ def test_expert_threads_match_reference(two_threads, mode, case):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", ["dropless", "cap-reroute"])
 def test_batched_tails_match_reference_in_float64(monkeypatch, threads, case, mode):
-    """The bulk + tail split of the oneDNN dtypes (``experts._Tails``: every expert's < _ROW_BLOCK tail rows in
-    one batched GEMM per stage, before or after the per-expert work), run in float64 with a 10-row block so that
-    bulk-and-tail, tail-only, bulk-only and empty experts all occur: the reference's forward and gradients, inline
-    and on the expert threads, with biases, shared experts, capacity."""
+    """The bulk + tail split of the oneDNN dtypes (``experts._Tails``: the experts' < _ROW_BLOCK tail rows in zero-
+    padded blocks, one batched GEMM per stage when most experts have a tail ("generic", capacity modes), one GEMM
+    per expert's block when few do ("empty", "T1"; one-row experts run as matrix-vector products in the forward),
+    before or after the per-expert work), run in float64 with a 10-row block so that bulk-and-tail, tail-only,
+    bulk-only and empty experts all occur: the reference's forward and gradients, inline and on the expert threads,
+    with biases, shared experts, capacity."""
     monkeypatch.setattr(experts_mod, "_JIT_DTYPES", (torch.float64,))
     monkeypatch.setattr(experts_mod, "_ROW_BLOCK", 10)
     monkeypatch.setattr(experts_mod._EXPERT_THREADS, "min_flops", 0.0 if threads == 2 else math.inf)
