@@ -580,8 +580,7 @@ class _Tails:
         """``single_rows=False``: leave out experts with one row (the forward runs those as matrix-vector
         products: no 32x padding)."""
         spans = seg.spans if single_rows else [s for s in seg.spans if s[2] > 1]
-        tails = [(e, start + _bulk_rows(n, t), n - _bulk_rows(n, t)) for e, start, n in spans]
-        tails = [(e, start, r) for e, start, r in tails if r]
+        tails = [(e, start + n - r, r) for e, start, n in spans if (r := n - _bulk_rows(n, t))]
         if not tails:
             return None
         E = seg.n_experts

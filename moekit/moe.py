@@ -139,18 +139,18 @@ class MoE(nn.Module):
         return aux_loss, z_loss, lb_loss.detach()
 
 
-def _routed_decode(x_TD: Tensor, router_w_ED: Tensor, router_b_E: Tensor | None, expert_bias_E: Tensor | None,
-                   w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI: Tensor | None, b_out_ED: Tensor | None,
-                   spec: RouteSpec, dtype: torch.dtype, activation: str, limit: float, alpha: float) -> Tensor:
+def _route_and_decode(x_TD: Tensor, router_w_ED: Tensor, router_b_E: Tensor | None, expert_bias_E: Tensor | None,
+                      w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI: Tensor | None, b_out_ED: Tensor | None,
+                      spec: RouteSpec, dtype: torch.dtype, activation: str, limit: float, alpha: float) -> Tensor:
     """Route (``Router`` without training noise) and run the chosen experts (``experts.experts_decode``)
     for a few tokens: the same values as the two run separately; compiled, one call per MoE layer."""
     routing = route(router_logits(x_TD, router_w_ED, router_b_E), spec, expert_bias_E)
     return experts_decode(x_TD.to(dtype), routing.topk_idx_TK, routing.topk_weight_TK, w_in_EID, w_out_EDF,
-                           b_in_EI, b_out_ED, activation, limit, alpha)
+                          b_in_EI, b_out_ED, activation, limit, alpha)
 
 
 # one call per MoE layer and generated token: torch.compile's own per-call cost would be as large as the router
-_ROUTED_DECODE = InductorFn(_routed_decode, "routed decode kernel")
+_ROUTED_DECODE = InductorFn(_route_and_decode, "routed decode kernel")
 
 
 @dataclass
