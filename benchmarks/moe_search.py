@@ -6,10 +6,13 @@ per variant the final validation loss, the tokens it needed to reach the dense m
 training tokens/s against dense. A variant is written ``e<E>k<K>f<F>[s<S>][-aux[C]][-br<R>][-sig][-rlr<X>]``:
 E routed experts of width F, top-K, an optional shared expert of width S; balancing by the Switch loss with
 coefficient C (default 0.01) instead of the aux-loss-free bias, or the bias with update rate R (default 1e-3);
-sigmoid router scores (DeepSeek-V3) instead of softmax; router learning-rate scale X. All variants must have
-the same active FFN width (K*F + S); the dense model is the first variant's dense-active twin.
+sigmoid router scores (DeepSeek-V3) instead of softmax; router learning-rate scale X. A trailing ``-total``
+trains that shape's dense twin with the same TOTAL parameters instead (the usual upper bound on what an MoE
+model of that size learns per token). All MoE variants must have the same active FFN width (K*F + S); the dense
+model is the first variant's dense-active twin.
 
     python benchmarks/moe_search.py --tokens 2e6 --variants e8k2f256,e16k2f256,e32k2f256,e16k4f128
+    python benchmarks/moe_search.py --tokens 2e6 --variants e8k2f256-total
 
 Prints a table and writes benchmarks/results/moe_search.json; a later search with the same budget, seed and
 corpus adds its variants to that file and reuses its dense run. tokens/s is only meaningful on a quiet machine.
@@ -35,7 +38,7 @@ from moekit.config import ModelConfig, MoEConfig  # noqa: E402
 from moekit.costs import dense_twin  # noqa: E402
 
 VARIANT = re.compile(r"e(\d+)k(\d+)f(\d+)(?:s(\d+))?(?:-aux([0-9.e-]*))?(?:-br([0-9.e-]+))?(-sig)?"
-                     r"(?:-rlr([0-9.]+))?$")
+                     r"(?:-rlr([0-9.]+))?(-total)?$")
 
 
 def variant_config(spec: str) -> tuple[ModelConfig, float]:
@@ -43,7 +46,7 @@ def variant_config(spec: str) -> tuple[ModelConfig, float]:
     m = VARIANT.match(spec)
     if not m:
         raise ValueError(f"--variants: cannot parse {spec!r} "
-                         "(expected e<E>k<K>f<F>[s<S>][-aux[C]][-br<R>][-sig][-rlr<X>])")
+                         "(expected e<E>k<K>f<F>[s<S>][-aux[C]][-br<R>][-sig][-rlr<X>][-total])")
     e, k, f = int(m[1]), int(m[2]), int(m[3])
     shared, aux = int(m[4] or 0), m[5] is not None
     aux_coef = float(m[5] or 0.01) if aux else 0.0
@@ -51,7 +54,10 @@ def variant_config(spec: str) -> tuple[ModelConfig, float]:
     moe = MoEConfig(n_experts=e, top_k=k, expert_ffn_dim=f, aux_loss_coef=aux_coef, expert_bias=not aux,
                     bias_update_rate=rate, score_func="sigmoid" if sigmoid else "softmax",
                     n_shared_experts=1 if shared else 0, shared_expert_ffn_dim=shared or None)
-    return probe_model(moe, f"search-{spec}"), rlr
+    cfg = probe_model(moe, f"search-{spec}")
+    if m[9]:  # the dense twin with the MoE shape's total parameter count
+        return dataclasses.replace(dense_twin(cfg, "total"), name=f"search-{spec}"), rlr
+    return cfg, rlr
 
 
 def main() -> None:
@@ -68,8 +74,10 @@ def main() -> None:
     _tune_allocator([sys.executable, *sys.argv])
 
     variants = [variant_config(v) for v in args.variants.split(",")]
-    dense = dense_twin(variants[0][0], "active")
-    for (cfg, _), name in zip(variants, args.variants.split(",")):
+    # the MoE shape of every variant (a -total variant's own shape) fixes the active width
+    moes = [(variant_config(name.removesuffix("-total"))[0], name) for name in args.variants.split(",")]
+    dense = dense_twin(moes[0][0], "active")
+    for cfg, name in moes:
         # the router's parameters count as active too, so widths differ by a few units; 2% is one active size
         if abs(dense_twin(cfg, "active").ffn_dim - dense.ffn_dim) > 0.02 * dense.ffn_dim:
             raise ValueError(f"--variants: {name} has dense-active width {dense_twin(cfg, 'active').ffn_dim}, "

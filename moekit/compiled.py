@@ -1,22 +1,24 @@
-"""Small inference functions compiled by TorchInductor and called without TorchDynamo (the decode kernels).
+"""Small functions compiled by TorchInductor and called without TorchDynamo (the decode and combine kernels).
 
 A decode step reads a few MiB of weights per layer in a few hundred microseconds, so fixed costs per call
 count. ``torch.compile`` puts ~20-25 us of Python around each call in torch 2.13 (frame evaluation, six
 nested wrappers, config patches; measured with a 16x16 problem: 31 us through torch.compile, 8-12 us for
 the same inductor kernel called directly). ``InductorFn`` traces the function once per *signature* with
 symbolic shapes (``make_fx``, no duck sizing, so every size is its own symbol), compiles the graph with
-inductor and calls the result directly:
+inductor and calls the result directly. The training path uses it too, inside its autograd Functions, for
+memory-bound steps that are several eager passes over [T*K, D] (``moe.combine`` and its backward,
+``dispatch.sum_rows_per_token``): the kernels take no part in autograd, their callers hold the backward.
 
   signature  the dtype, contiguity and which sizes are 1 of each tensor argument (0/1 sizes are specialised
              while tracing), which arguments are None, the constant (non-tensor) arguments, and the sizes of
              the dims the caller keeps static (``static_dims``: inductor plans its loops with the real size).
   safety     the compiled code asserts its inputs' sizes and strides against the traced symbols; the caller
-             keeps the relations between shapes that tracing assumed (the decode callers pass a layer's
-             own weights, whose shapes hold them by construction).
+             keeps the relations between shapes that tracing assumed (the callers pass a layer's own weights
+             and plans, whose shapes hold them by construction).
 
 Where inductor cannot build (no C++ compiler, an unsupported op) the first failure warns once and the
-function returns None from then on: the callers run their eager path. ``MOEKIT_DECODE_KERNEL=eager``
-selects the eager paths from the start.
+function returns None from then on: the callers run their eager path. ``MOEKIT_KERNELS=eager`` (or its older
+name ``MOEKIT_DECODE_KERNEL=eager``) selects the eager paths from the start.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class InductorFn:
         self.fn, self.name = fn, name
         # {argument position: dims kept static (their sizes join the signature)}
         self.static_dims = static_dims or {}
-        self.enabled = os.environ.get("MOEKIT_DECODE_KERNEL", "compiled") != "eager"
+        self.enabled = "eager" not in (os.environ.get("MOEKIT_KERNELS"), os.environ.get("MOEKIT_DECODE_KERNEL"))
         self._compiled: dict[tuple, Callable[..., Tensor]] = {}
         self._lock = threading.Lock()
 

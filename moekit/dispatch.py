@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moekit.compiled import InductorFn
 from moekit.config import MoEConfig
 from moekit.router import RoutingResult
 
@@ -196,12 +197,24 @@ class _GatherRows(torch.autograd.Function):
 
 def sum_rows_per_token(v_AD: Tensor, inverse_A: Tensor, T: int, K: int) -> Tensor:
     """out_t = the sum of the K rows of token t: the rows gathered in (t, k) order, then K - 1 adds. No
-    atomics (deterministic on every device); ``index_add_`` is slower on the CPU (benchmarks/RESULTS.md)."""
+    atomics (deterministic on every device); ``index_add_`` is slower on the CPU (benchmarks/RESULTS.md).
+    On the CPU one compiled pass (``_SUM_ROWS``: gather and sum in fp32) where it builds."""
+    if v_AD.device.type == "cpu" and v_AD.shape[0] and K > 1:
+        out_TD = _SUM_ROWS((v_AD, inverse_A), (K,))
+        if out_TD is not None:
+            return out_TD
     v_TKD = v_AD.index_select(0, inverse_A).view(T, K, -1)
     out_TD = v_TKD[:, 0].clone() if K == 1 else v_TKD[:, 0] + v_TKD[:, 1]
     for k in range(2, K):
         out_TD += v_TKD[:, k]
     return out_TD
+
+
+def _sum_rows_kernel(v_AD: Tensor, inverse_A: Tensor, K: int) -> Tensor:
+    return v_AD[inverse_A.view(-1, K)].to(torch.promote_types(v_AD.dtype, torch.float32)).sum(1).to(v_AD.dtype)
+
+
+_SUM_ROWS = InductorFn(_sum_rows_kernel, "row-sum kernel")
 
 
 def gather_rows(x_TD: Tensor, plan: DispatchPlan) -> Tensor:

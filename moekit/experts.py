@@ -107,7 +107,7 @@ def experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Te
 # 26 and 19 GB/s (benchmarks/RESULTS.md, "decode"). One compiled call also replaces the ~20 small ops per
 # layer of the eager path (host read of the routing, per-expert products, activation, weighted sum).
 # Where inductor cannot build (no C++ compiler) it warns once and the eager per-expert path runs instead;
-# ``MOEKIT_DECODE_KERNEL=eager`` selects that path.
+# ``MOEKIT_KERNELS=eager`` selects that path.
 # The top-k width K (idx_TK, weight_TK) is static: with a symbolic K inductor generated a single-threaded T=1
 # kernel (800 against 510 us, benchmarks/RESULTS.md).
 _DECODE_KERNEL = InductorFn(experts_decode, "decode kernel", static_dims={1: (1,), 2: (1,)})

@@ -520,3 +520,59 @@ def test_decode_under_bf16_autocast_matches_general_path():
             fast = layer(x, aux=False).out
     assert fast.dtype == general.dtype == x.dtype
     torch.testing.assert_close(fast.float(), general.detach().float(), rtol=3e-2, atol=3e-2)
+
+
+# ------------------------------------------------------------------------- compiled combine and row-sum kernels
+def _kernels():
+    import moekit.dispatch as dispatch_mod
+    return moe_mod._COMBINE, moe_mod._COMBINE_BACKWARD, dispatch_mod._SUM_ROWS
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bf16"])
+@pytest.mark.parametrize("mode", ["dropless", "cap-position"])
+def test_combine_and_row_sum_kernels_match_eager_ops(monkeypatch, dtype, mode):
+    """The training path's compiled kernels (combine forward and backward, the gather's row sums) build, run,
+    and give what the eager ops give: outputs and every gradient, in float64 (to rounding) and under bf16
+    autocast (the kernels accumulate in fp32, the eager ops in bf16: to bf16 rounding)."""
+    layer = _layer("loop", **MODES[mode])
+    x, g = _x((4, 9)), _x((4, 9), seed=2)
+    if dtype == "bf16":
+        layer, x, g = layer.float(), x.float(), g.float()
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            return _run(layer, x, g)
+
+    for fn in _kernels():
+        fn._compiled.clear()
+    res, gx, grads = run()
+    for fn in _kernels():
+        assert fn.enabled and fn._compiled, f"{fn.name} did not build or did not run"
+    for fn in _kernels():
+        monkeypatch.setattr(fn, "enabled", False)
+    res0, gx0, grads0 = run()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == "float64" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(res.out, res0.out, **tol)
+    torch.testing.assert_close(gx, gx0, **tol)
+    for n in grads0:
+        torch.testing.assert_close(grads[n], grads0[n], **tol, msg=lambda m, n=n: f"{n}: {m}")
+    assert any(float(grads[n].abs().max()) > 0 for n in ("router.weight", "experts.w_in"))
+
+
+def test_kernels_env_switch(monkeypatch):
+    """MOEKIT_KERNELS=eager turns every compiled kernel off (MOEKIT_DECODE_KERNEL=eager is its older name)."""
+    for var in ("MOEKIT_KERNELS", "MOEKIT_DECODE_KERNEL"):
+        monkeypatch.setenv(var, "eager")
+        assert not InductorFn(lambda t: t + 1, "env").enabled
+        monkeypatch.delenv(var)
+    assert InductorFn(lambda t: t + 1, "env").enabled
+
+
+def test_zero_aux_coefficient_logs_the_balance_loss_without_a_graph():
+    """aux_loss_coef=0 (aux-loss-free balancing): the Switch loss is still reported, but nothing backpropagates
+    through it; with a coefficient it does."""
+    res = _layer("loop", aux_loss_coef=0.0, expert_bias=True)(_x((2, 5)))
+    assert not res.aux_loss.requires_grad and float(res.aux_loss) == 0.0
+    assert math.isfinite(float(res.stats.lb_loss)) and float(res.stats.lb_loss) > 0  # still logged
+    res = _layer("loop", aux_loss_coef=0.1)(_x((2, 5)))
+    assert res.aux_loss.requires_grad

@@ -16,7 +16,7 @@ from reference import ref_bias_update, ref_moe, ref_routing, state_dict64
 from moekit.config import ModelConfig, MoEConfig
 from moekit.model import Transformer
 from moekit.moe import MoE
-from moekit.router import Router
+from moekit.router import Router, softmax_last
 
 SEEDS = (0, 1, 2)
 D = 12
@@ -467,3 +467,23 @@ def test_layer_training_noise_reaches_only_the_router():
     torch.testing.assert_close(clean.double(), ref_moe(x, state_dict64(layer), cfg).out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(noisy.double(), ref_moe(x, state_dict64(layer), cfg, noise_TE=noise).out,
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_experts", [1, 3, 8, 15, 16, 40])
+def test_softmax_last_equals_torch_softmax_with_gradients(n_experts):
+    """The router's softmax (explicit form below 16 experts on the CPU) against torch.softmax, values and
+    gradients, including rows far from zero; gradcheck in float64."""
+    gen = torch.Generator().manual_seed(n_experts)
+    logits = torch.randn(33, n_experts, generator=gen, dtype=torch.float64) * 5
+    logits[0] += 800.0  # exp would overflow without the max shift
+    logits[1] -= 800.0
+    logits.requires_grad_()
+    g = torch.randn(33, n_experts, generator=gen, dtype=torch.float64)
+    ours = softmax_last(logits)
+    (ours * g).sum().backward()
+    grad, logits.grad = logits.grad, None
+    ref = torch.softmax(logits, -1)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-10, atol=1e-13)
+    assert torch.autograd.gradcheck(softmax_last, (logits[:5].detach().clone().requires_grad_(),))
