@@ -195,7 +195,8 @@ def _combine_kernel(y_AD: Tensor, weight_A: Tensor, inverse_A: Tensor, K: int) -
     return (y_AD[idx_TK].to(acc) * weight_A[idx_TK].to(acc).unsqueeze(-1)).sum(1).to(y_AD.dtype)
 
 
-def _combine_backward_kernel(g_TD: Tensor, y_AD: Tensor, weight_A: Tensor, token_idx_A: Tensor) -> tuple[Tensor, Tensor]:
+def _combine_backward_kernel(g_TD: Tensor, y_AD: Tensor, weight_A: Tensor,
+                             token_idx_A: Tensor) -> tuple[Tensor, Tensor]:
     """dy_a = w_a g_t(a) and dw_a = <y_a, g_t(a)>, from one gather of g, accumulated in fp32."""
     acc = _accumulate_dtype(g_TD, y_AD, weight_A)
     g_AD = g_TD[token_idx_A].to(acc)
