@@ -206,7 +206,8 @@ def _combine_backward_kernel(g_TD: Tensor, y_AD: Tensor, weight_A: Tensor,
 
 # The gather, products and sum of combine, and of its backward, as one pass each: eagerly they are 4-5 passes
 # over [T*K, D] (*ad hoc*, preset small's shapes in bf16: forward 306 -> 107 us, backward 840 -> 174 us per
-# layer; about 1% of a training step). Any failure to build: the eager ops below, as before.
+# layer; +0.5 to +3.9 points of training tokens/s against the dense twin in interleaved runs, benchmarks/RESULTS.md
+# "What changed", item 7). Any failure to build: the eager ops below, as before.
 _COMBINE = InductorFn(_combine_kernel, "combine kernel")
 _COMBINE_BACKWARD = InductorFn(_combine_backward_kernel, "combine backward kernel")
 
