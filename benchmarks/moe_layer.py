@@ -478,7 +478,8 @@ def main() -> None:
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd (inference forward) and/or fwdbwd")
     p.add_argument("--backends", default="auto,loop-serial,grouped,padded,compiled",
                    help="moekit variants (auto = what MoEConfig() picks)")
-    p.add_argument("--hf", default="eager,grouped_mm,batched_mm", help="transformers experts implementations")
+    p.add_argument("--hf", default="eager,grouped_mm,batched_mm",
+                   help="transformers experts implementations (comma list; '' skips them)")
     p.add_argument("--hf-mem-gib", type=float, default=2.0, help="skip batched_mm above this weight-copy size")
     p.add_argument("--rounds", type=int, help="timed rounds per case (default 7; decode 15)")
     p.add_argument("--allocator-tokens", type=int, help="T of the allocator comparison (default 16384)")
@@ -507,6 +508,14 @@ def main() -> None:
     dtypes, modes = args.dtypes.split(","), args.modes.split(",")
     backends = [b for b in args.backends.split(",") if b]
     hf_impls = [h for h in args.hf.split(",") if h]
+    if hf_impls:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        known = {"eager", *ALL_EXPERTS_FUNCTIONS.keys()}
+        unknown = [h for h in hf_impls if h not in known]
+        if unknown:
+            raise SystemExit(f"--hf: {', '.join(unknown)} not among transformers' experts implementations "
+                             f"({', '.join(sorted(known))}; '' skips them)")
     out = {"machine": machine(), "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": []}
     print(f"moekit MoE layer benchmark: d={D}, expert FFN {FFN}, E={E}, top-{K}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; allocator env {out['machine']['allocator_env']}")

@@ -857,6 +857,16 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_OK[key]
 
 
+def _cpu_has_amx() -> bool:
+    """Does this CPU have AMX tiles (oneDNN's fast bf16 GEMMs)? True when torch cannot tell (the choice it made
+    before this check existed)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else True
+    except RuntimeError:
+        return True
+
+
 def grouped_mm_aligned(dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
     """grouped_mm (forward and backward) needs every row stride to be a multiple of 16 bytes: the model
     dim and the expert width must be multiples of 4 (fp32) or 8 (bf16/fp16) elements."""
@@ -877,8 +887,17 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
     aligned = grouped_mm_aligned(dtype, widths)
     if requested == "auto":
         # (SwiGLU FLOPs of the call; below, e.g. the tests' toy layers, grouped_mm's single call is cheaper)
-        if device.type == "cpu" and rows is not None and len(widths) >= 2 and 6.0 * rows * widths[0] * widths[1] >= 2e5:
+        flops = 6.0 * rows * widths[0] * widths[1] if rows is not None and len(widths) >= 2 else 0.0
+        if device.type == "cpu" and flops >= 2e5:
             chosen = "loop"
+            if (dtype in _JIT_DTYPES and flops >= _ExpertThreads.min_flops and not _cpu_has_amx() and aligned
+                    and grouped_mm_available(device, dtype)):
+                # bf16 without AMX (oneDNN's AVX-512 kernels), calls big enough for the expert threads: one
+                # grouped_mm per stage beat the threaded loop in every layer case measured on such a host
+                # (d=512, F=1408, fwd+bwd T=4096 1.066 against 1.137 dense, T=16384 1.035 against 1.130;
+                # benchmarks/RESULTS.md); with AMX, and for smaller calls (preset small: 0.83 against 0.88 of
+                # the dense twin's training tokens/s), the loop wins
+                chosen = "grouped"
         else:
             chosen = "grouped" if aligned and grouped_mm_available(device, dtype) else "loop"
     elif requested == "grouped" and not grouped_mm_available(device, dtype):

@@ -250,6 +250,19 @@ def test_auto_prefers_the_loop_backend_on_cpu_for_real_sizes():
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_bf16_large_calls_pick_grouped_only_without_amx(monkeypatch, amx):
+    """bf16 on a CPU without AMX: calls big enough for the expert threads run grouped_mm (measured faster there);
+    smaller calls, fp32, and CPUs with AMX keep the loop."""
+    monkeypatch.setattr(experts_mod, "_cpu_has_amx", lambda: amx)
+    cpu, BF16 = torch.device("cpu"), torch.bfloat16
+    large = select_backend("auto", cpu, BF16, widths=(512, 1408), rows=8192)
+    assert large == ("loop" if amx or not experts_mod.grouped_mm_available(cpu, BF16) else "grouped")
+    assert select_backend("auto", cpu, BF16, widths=(192, 256), rows=8192) == "loop"  # preset small: inline
+    assert select_backend("auto", cpu, F32, widths=(512, 1408), rows=8192) == "loop"
+    assert select_backend("auto", cpu, BF16, widths=(512, 1404), rows=8192) == "loop"  # not 16-byte aligned
+
+
 @pytest.mark.parametrize("kernel", ["compiled", "eager"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", ["generic", "empty", "T1", "bias-clamped"])
