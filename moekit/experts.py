@@ -26,8 +26,9 @@ Backends (all take rows already sorted by expert, see ``dispatch.py``):
 loop and grouped share one autograd Function with a hand-written backward (see "execution" below).
 Inference on a few tokens (generation) bypasses the backends: ``Experts.decode`` (and the dense MLP for one
 token) runs one compiled kernel that reads only the chosen experts' weights (``_DECODE_KERNEL``).
-``auto`` picks, and logs: on the CPU the threaded loop when it can use two or more threads on a call of
-useful size (the fastest there, benchmarks/RESULTS.md); otherwise ``grouped`` when one capability check
+``auto`` picks, and logs: on the CPU the loop for any call of real size (the fastest there, benchmarks/RESULTS.md),
+except bf16/fp16 calls large enough for the expert threads on a CPU without AMX, which run ``grouped`` (measured
+faster on such a host); otherwise ``grouped`` when one capability check
 (a tiny grouped_mm on the device and dtype) passes, else ``loop``. A backend requested explicitly that
 cannot run raises.
 """
