@@ -894,8 +894,8 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
             if (dtype in _JIT_DTYPES and flops >= _ExpertThreads.min_flops and not _cpu_has_amx() and aligned
                     and grouped_mm_available(device, dtype)):
                 # bf16 without AMX (oneDNN's AVX-512 kernels), calls big enough for the expert threads: one
-                # grouped_mm per stage beat the threaded loop in every layer case measured on such a host
-                # (d=512, F=1408, fwd+bwd T=4096 1.066 against 1.137 dense, T=16384 1.035 against 1.130;
+                # grouped_mm per stage beat the threaded loop in 10 of 12 layer comparisons on such a host
+                # (d=512, F=1408, e.g. fwd+bwd T=4096 1.039 against 1.118 dense, T=16384 1.015 against 1.072;
                 # benchmarks/RESULTS.md); with AMX, and for smaller calls (preset small: 0.83 against 0.88 of
                 # the dense twin's training tokens/s), the loop wins
                 chosen = "grouped"
