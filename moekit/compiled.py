@@ -28,9 +28,18 @@ import os
 import threading
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 log = logging.getLogger("moekit")
+
+
+def accumulate_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the kernels accumulate in: fp32 for bf16/fp16/fp32 operands, float64 when one is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 class InductorFn:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moekit.compiled import InductorFn
+from moekit.compiled import InductorFn, accumulate_dtype
 from moekit.config import MoEConfig
 from moekit.router import RoutingResult
 
@@ -211,7 +211,7 @@ def sum_rows_per_token(v_AD: Tensor, inverse_A: Tensor, T: int, K: int) -> Tenso
 
 
 def _sum_rows_kernel(v_AD: Tensor, inverse_A: Tensor, K: int) -> Tensor:
-    return v_AD[inverse_A.view(-1, K)].to(torch.promote_types(v_AD.dtype, torch.float32)).sum(1).to(v_AD.dtype)
+    return v_AD[inverse_A.view(-1, K)].to(accumulate_dtype(v_AD)).sum(1).to(v_AD.dtype)
 
 
 _SUM_ROWS = InductorFn(_sum_rows_kernel, "row-sum kernel")

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from moekit.compiled import InductorFn
+from moekit.compiled import InductorFn, accumulate_dtype
 from moekit.dispatch import DispatchPlan
 
 log = logging.getLogger("moekit")
@@ -89,7 +89,7 @@ def experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Te
     indirect loads inside the reduction, nothing is copied) with fp32 accumulation; an expert chosen by several
     of the tokens is read once per token (an [U, I, T] formulation that reads it once measured slower: inductor
     does not tile it like a GEMM). Run eagerly it copies the chosen weights (same values)."""
-    acc = torch.promote_types(torch.promote_types(x_TD.dtype, w_in_EID.dtype), torch.float32)
+    acc = accumulate_dtype(x_TD, w_in_EID)
     x_T11D = x_TD.to(acc)[:, None, None, :]
     h_TKI = (w_in_EID[idx_TK].to(acc) * x_T11D).sum(-1)
     if b_in_EI is not None:
@@ -852,7 +852,8 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
                 out = F.grouped_mm(a, b.transpose(1, 2), offs=offs)
                 ref = torch.cat([a[:16] @ b[0].T, a[16:] @ b[1].T])
                 ok = bool(torch.allclose(out.float(), ref.float(), rtol=5e-2, atol=5e-2 * math.sqrt(16)))
-            except (RuntimeError, TypeError, NotImplementedError):
+            except (RuntimeError, TypeError, NotImplementedError) as e:  # no kernel for this device/dtype
+                log.debug("grouped_mm unavailable on %s %s: %s: %s", device.type, dtype, type(e).__name__, e)
                 ok = False
         _GROUPED_OK[key] = ok
     return _GROUPED_OK[key]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from moekit.compiled import InductorFn
+from moekit.compiled import InductorFn, accumulate_dtype
 from moekit.config import MoEConfig
 from moekit.dispatch import DispatchPlan, gather_rows, plan_dispatch
 from moekit.experts import MLP, Experts, compute_dtype, experts_decode
@@ -180,25 +180,17 @@ def combine(y_AD: Tensor, plan: DispatchPlan) -> Tensor:
     return _combine_forward(y_AD, plan.weight_A, plan.inverse_A, plan.n_tokens, plan.top_k)
 
 
-def _accumulate_dtype(*tensors: Tensor) -> torch.dtype:
-    """fp32 for bf16/fp16/fp32 operands, float64 when one is float64."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _combine_kernel(y_AD: Tensor, weight_A: Tensor, inverse_A: Tensor, K: int) -> Tensor:
     """out_t = sum_k w_tk y_tk, gathered through inverse_A and accumulated in fp32 (float64 for float64)."""
     idx_TK = inverse_A.view(-1, K)
-    acc = _accumulate_dtype(y_AD, weight_A)
+    acc = accumulate_dtype(y_AD, weight_A)
     return (y_AD[idx_TK].to(acc) * weight_A[idx_TK].to(acc).unsqueeze(-1)).sum(1).to(y_AD.dtype)
 
 
 def _combine_backward_kernel(g_TD: Tensor, y_AD: Tensor, weight_A: Tensor,
                              token_idx_A: Tensor) -> tuple[Tensor, Tensor]:
     """dy_a = w_a g_t(a) and dw_a = <y_a, g_t(a)>, from one gather of g, accumulated in fp32."""
-    acc = _accumulate_dtype(g_TD, y_AD, weight_A)
+    acc = accumulate_dtype(g_TD, y_AD, weight_A)
     g_AD = g_TD[token_idx_A].to(acc)
     dw_A = (y_AD.to(acc) * g_AD).sum(-1).to(weight_A.dtype)
     return (g_AD * weight_A.to(acc).unsqueeze(-1)).to(y_AD.dtype), dw_A
