@@ -3,6 +3,7 @@
 
     python3 benchmarks/train_throughput.py            # preset "small", batch 16 x 256 tokens, bf16 autocast
     python3 benchmarks/train_throughput.py --quick    # smoke run: 2 rounds, short decode
+    python3 benchmarks/train_throughput.py --eager    # also the MoE model with its eager layer (backend="loop")
     python3 benchmarks/train_throughput.py --compiled # also the MoE model with backend="compiled"
     python3 benchmarks/train_throughput.py --config benchmarks/results/runs/<name>/moe/config.json  # any config
 
@@ -12,8 +13,13 @@ Models: ``moekit.presets.get_preset(preset)`` and ``moekit.costs.dense_twin(cfg,
 model with the MoE model's ACTIVE parameter count (same attention, one FFN per layer of the matching
 width). Training step = the trainer's step (``moekit.train``): lr set, forward with targets under
 bf16 autocast, ``loss.backward()``, one host read of the losses, grad clipping, AdamW (the trainer's
-``make_optimizer``), ``zero_grad(set_to_none=True)``, the router-bias update. Data: random token ids
-(the data pipeline is not what is measured). Decode: greedy generation with the KV cache, batch 1
+``make_optimizer``), ``zero_grad(set_to_none=True)``, the router-bias update. Data: a pool of batches
+sampled before timing from the built-in standard-library corpus (``--data``; the data pipeline is not what
+is measured), the same batches in the same order for every model. Real text matters: on random token ids
+the hidden states carry no information and the router sends almost every token to the same two experts
+within a few steps (load imbalance 4.0 of 8 experts top-2), which is not the routing a real run times.
+The MoE model's per-layer load imbalance (max / mean assignments per expert) over the timed steps is
+printed and written with the timings. Decode: greedy generation with the KV cache, batch 1
 (``moekit.generate.sample_tokens``), after a prefill of ``--prompt`` tokens, in the model's fp32 weights
 (as ``moekit generate`` runs) and in bf16 weights.
 
@@ -43,8 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_layer import interleaved, load_now, machine, write_results  # noqa: E402
 
 
-def make_step(model, tc, data_gen, vocab: int):
-    """One optimizer step of ``moekit.train.train`` (no accumulation, no logging, no eval)."""
+def make_step(model, tc, batches: list, imbalance: list | None = None):
+    """One optimizer step of ``moekit.train.train`` (no accumulation, no logging, no eval) on the next of
+    ``batches`` (cycled); an MoE model appends each step's per-layer load imbalance to ``imbalance``."""
     import torch
 
     from moekit.train import autocast_ctx, lr_at, make_optimizer
@@ -58,8 +65,7 @@ def make_step(model, tc, data_gen, vocab: int):
         lr = lr_at(state["step"], tc)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        x = torch.randint(0, vocab, (tc.batch_size, tc.seq_len), generator=data_gen)
-        y = torch.randint(0, vocab, (tc.batch_size, tc.seq_len), generator=data_gen)
+        x, y = batches[state["step"] % len(batches)]
         with autocast_ctx(device, tc):
             out = model(x, y)
         out.loss.backward()
@@ -71,10 +77,29 @@ def make_step(model, tc, data_gen, vocab: int):
         opt.zero_grad(set_to_none=True)
         if n_moe:
             model.update_router_biases([s.routed_per_expert for s in out.stats if s is not None])
+            if imbalance is not None:
+                imbalance.append([float(s.load_imbalance) for s in out.stats if s is not None])
         state["step"] += 1
         return loss
 
     return step
+
+
+def sample_batches(data: str, vocab: int, batch_size: int, seq_len: int, n: int) -> list:
+    """``n`` training batches (x, y), sampled once before timing (seeded): windows of the corpus ``data``
+    (byte-level tokens, tokenized once and cached as moekit train does) or uniform token ids for 'random'."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    if data == "random":
+        return [(torch.randint(0, vocab, (batch_size, seq_len), generator=gen),
+                 torch.randint(0, vocab, (batch_size, seq_len), generator=gen)) for _ in range(n)]
+    from moekit.train import DataSpec
+
+    dataset, _ = DataSpec(corpus=data).load()
+    if dataset.vocab_size > vocab:
+        raise SystemExit(f"--data {data}: its tokenizer has {dataset.vocab_size} ids, the model only {vocab}")
+    return [dataset.get_batch("train", batch_size, seq_len, gen) for _ in range(n)]
 
 
 def main() -> None:
@@ -84,11 +109,18 @@ def main() -> None:
     p.add_argument("--config", help="a model config.json (e.g. runs/<name>/moe/config.json) instead of --preset")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--data", default="stdlib",
+                   help="where the training batches come from: 'stdlib' (the built-in corpus, default), a text "
+                        "file or directory (as moekit train --corpus), or 'random' (uniform token ids: the router "
+                        "collapses onto two experts, see above)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per model per round")
     p.add_argument("--rounds", type=int, help="timed rounds (default 7)")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
     p.add_argument("--decode-tokens", type=int, help="decoded tokens per sample (default 64)")
     p.add_argument("--compiled", action="store_true", help="add the MoE model with backend='compiled'")
+    p.add_argument("--eager", action="store_true",
+                   help="add the MoE model with backend='loop': the eager layer that 'auto' trains through "
+                        "torch.compile on the CPU (moekit.moe._AutoCompile)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = p.parse_args()
@@ -117,46 +149,65 @@ def main() -> None:
     configs = {"moe": cfg, "dense-active": twin}
     if args.compiled:
         configs["moe-compiled"] = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, backend="compiled"))
-    models, steps, gens = {}, {}, {}
+    if args.eager:
+        configs["moe-eager"] = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, backend="loop"))
+    batches = sample_batches(args.data, cfg.vocab_size, tc.batch_size, tc.seq_len, n=32)
+    models, steps, imbalance = {}, {}, {n: [] for n in configs}
     for name, c in configs.items():
         torch.manual_seed(0)
         models[name] = Transformer(c).train()
-        gens[name] = torch.Generator().manual_seed(1)
-        steps[name] = make_step(models[name], tc, gens[name], c.vocab_size)
+        steps[name] = make_step(models[name], tc, batches, imbalance[name])
     info = {n: {"params": costs(c).total_params, "active_params": costs(c).active_params, "ffn_dim": c.ffn_dim}
             for n, c in configs.items()}
     T = tc.batch_size * tc.seq_len
     auto = select_backend("auto", torch.device("cpu"), torch.bfloat16,
                           widths=(cfg.dim, cfg.moe.expert_ffn_dim or cfg.ffn_dim), rows=T * cfg.moe.top_k)
+    from moekit.moe import _AUTO_COMPILE
+
+    if (auto == "loop" and _AUTO_COMPILE.enabled and cfg.moe.backend == "auto"
+            and 6.0 * T * cfg.moe.top_k * cfg.dim * (cfg.moe.expert_ffn_dim or cfg.ffn_dim) >= _AUTO_COMPILE.min_flops):
+        auto += ", training through torch.compile"
     print(f"train throughput: preset {args.preset} ({info['moe']['active_params'] / 1e6:.2f}M active of "
           f"{info['moe']['params'] / 1e6:.2f}M) vs dense twin ffn_dim={twin.ffn_dim} "
           f"({info['dense-active']['params'] / 1e6:.2f}M); {T} tokens/step, bf16 autocast; "
           f"experts backend auto -> {auto}; {torch.get_num_threads()} threads")
 
-    compile_s = None
-    if "moe-compiled" in steps:
+    compile_s = {}  # the first training step of each model (the compiled layer compiles there)
+    for name, step_fn in steps.items():
         t0 = time.perf_counter()
-        steps["moe-compiled"]()
-        compile_s = time.perf_counter() - t0
+        step_fn()
+        compile_s[name] = time.perf_counter() - t0
 
     def run_steps(fn):
         return lambda: [fn() for _ in range(args.steps)]
 
+    def timed_only(r: int) -> None:  # the routing balance of the timed rounds, not the warm-up's
+        if r == 0:
+            for v in imbalance.values():
+                v.clear()
+
     load0 = load_now()
-    times = interleaved({n: run_steps(f) for n, f in steps.items()}, rounds, warmup=1)
+    times = interleaved({n: run_steps(f) for n, f in steps.items()}, rounds, warmup=1, before_round=timed_only)
     tok_s = {n: [args.steps * T / t for t in v] for n, v in times.items()}
     train = {"tokens_per_step": T, "steps_per_sample": args.steps, "rounds": rounds, "load_before": load0,
              "load_after": load_now(), "tokens_per_s": {n: statistics.median(v) for n, v in tok_s.items()},
              "ratio_to_dense": {n: statistics.median(a / b for a, b in zip(tok_s[n], tok_s["dense-active"]))
                                 for n in tok_s},
-             "samples_tokens_per_s": tok_s, "compile_s": compile_s}
+             "samples_tokens_per_s": tok_s, "compile_s": compile_s, "data": args.data,
+             "load_imbalance_per_layer": {n: [statistics.median(col) for col in zip(*v)] for n, v in imbalance.items()
+                                          if v}}
     print(f"\ntraining ({rounds} rounds x {args.steps} steps; load {load0['loadavg_1m']} -> "
           f"{train['load_after']['loadavg_1m']})")
     print(f"  {'model':14s} {'tokens/s':>10s} {'/dense-active':>14s}")
     for n, v in train["tokens_per_s"].items():
         print(f"  {n:14s} {v:10.0f} {train['ratio_to_dense'][n]:14.3f}")
-    if compile_s is not None:
-        print(f"  moe-compiled: first step (compiles) {compile_s:.1f} s")
+    print("  first training step (compiles the layer and the kernels where they run): "
+          + ", ".join(f"{n} {t:.1f} s" for n, t in compile_s.items()))
+    worst = cfg.moe.n_experts / cfg.moe.top_k
+    for n, v in train["load_imbalance_per_layer"].items():
+        per_layer = ", ".join(f"{x:.2f}" for x in v)
+        print(f"  {n}: load imbalance per layer over the timed steps (median; 1 = balanced, {worst:g} = every "
+              f"token on the same experts): {per_layer}")
 
     decode = {}
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(5)).tolist()

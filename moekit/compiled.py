@@ -17,7 +17,9 @@ memory-bound steps that are several eager passes over [T*K, D] (``moe.combine`` 
              and plans, whose shapes hold them by construction).
 
 Where inductor cannot build (no C++ compiler, an unsupported op) the first failure warns once and the
-function returns None from then on: the callers run their eager path. ``MOEKIT_KERNELS=eager`` (or its older
+function returns None from then on: the callers run their eager path. Called while TorchDynamo traces (the MoE
+layer through torch.compile) it returns None too: the eager ops join that graph and inductor fuses them there
+(calling a kernel from inside the graph would break it in two at the kernel's lock). ``MOEKIT_KERNELS=eager`` (or its older
 name ``MOEKIT_DECODE_KERNEL=eager``) selects the eager paths from the start.
 """
 
@@ -54,7 +56,7 @@ class InductorFn:
         self._lock = threading.Lock()
 
     def __call__(self, tensors: tuple[Tensor | None, ...], consts: tuple = ()) -> Tensor | None:
-        if not self.enabled:
+        if not self.enabled or torch.compiler.is_compiling():  # in a torch.compile graph inductor fuses the eager ops
             return None
         key = (consts, tuple(None if t is None else (t.dtype, t.is_contiguous(), *(s == 1 for s in t.shape))
                              for t in tensors),

@@ -223,6 +223,8 @@ class Experts(nn.Module):
         x_AD = x_AD.to(dtype).contiguous()
         w_in_EID, w_out_EDF = self.w_in.to(dtype), self.w_out.to(dtype)
         backend = select_backend(self.backend, x_AD.device, dtype, widths=(self.dim, self.ffn_dim), rows=x_AD.shape[0])
+        if backend == "loop" and torch.compiler.is_compiling():
+            backend = "compiled"  # in a compiled graph (moekit.moe._AutoCompile, torch.compile(model)): the opaque op
         if backend == "grouped":
             return self._grouped(x_AD, w_in_EID, w_out_EDF, plan)
         if backend == "padded":
@@ -884,7 +886,8 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
     auto: on the CPU, the loop backend for any call of real size (bf16 GEMM shapes the oneDNN cache keeps,
     see _ROW_BLOCK; the expert threads for large calls, see _ExpertThreads): benchmarks/RESULTS.md measures
     it fastest there. Otherwise grouped where grouped_mm works (CUDA: one grouped GEMM per stage, no host
-    sync), else loop.
+    sync), else loop. Where this returns loop for a large CPU training call, the MoE layer around it runs
+    through torch.compile (``moekit.moe._AutoCompile``) and the loop as the compiled backend's opaque op.
     """
     aligned = grouped_mm_aligned(dtype, widths)
     if requested == "auto":

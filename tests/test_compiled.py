@@ -108,3 +108,19 @@ def test_static_dims_join_the_signature():
         x, w, b = _args(T, D, N, seed=T + N)
         torch.testing.assert_close(fn((x, w, b), (1.0,)), _affine(x, w, b, 1.0))
     assert len(fn._compiled) == 2
+
+
+def test_steps_aside_inside_a_torch_compile_graph():
+    """Called while TorchDynamo traces (a layer through torch.compile), the function returns None, so the caller's
+    eager ops join the graph: no graph break (fullgraph=True would raise on one), nothing built."""
+    fn = InductorFn(_affine, "test affine")
+    x, w, b = _args(3, 8, 8)
+
+    def layer(x, w, b):
+        y = fn((x, w, b), (2.0,))
+        return _affine(x, w, b, 2.0) + 1 if y is None else y
+
+    out = torch.compile(layer, fullgraph=True, backend="eager")(x, w, b)
+    torch.testing.assert_close(out, _affine(x, w, b, 2.0) + 1)
+    assert not fn._compiled
+    torch.testing.assert_close(fn((x, w, b), (2.0,)), _affine(x, w, b, 2.0))  # outside: compiled and run

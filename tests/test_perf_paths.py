@@ -411,6 +411,84 @@ def test_compiled_backend_does_not_recompile_when_routing_changes(fresh_dynamo):
             assert float(res.stats.tokens_per_expert.sum()) == 4 * 6 * K
 
 
+def _spy_compiled_forward(monkeypatch, fail: bool = False) -> list[int]:
+    """Count the layer calls that go through moe._compiled_forward (or make them fail, as a missing compiler)."""
+    calls: list[int] = []
+    real = moe_mod._compiled_forward
+
+    def spy():
+        fn = real()
+
+        def run(layer, x, aux):
+            calls.append(x.numel())
+            if fail:
+                raise RuntimeError("no C++ compiler (simulated)")
+            return fn(layer, x, aux)
+        return run
+    monkeypatch.setattr(moe_mod, "_compiled_forward", spy)
+    return calls
+
+
+def test_auto_trains_large_cpu_calls_through_the_compiled_layer(fresh_dynamo, monkeypatch):
+    """backend="auto": training calls the loop would run (CPU, grad, training mode, >= min_flops) go through the
+    compiled layer, in one graph (no graph break: the experts are the custom op, the InductorFn kernels step
+    aside), with the loop layer's outputs and gradients; inference, small calls and explicit backends do not."""
+    monkeypatch.setattr(moe_mod._AUTO_COMPILE, "enabled", True)
+    monkeypatch.setattr(moe_mod._AUTO_COMPILE, "min_flops", 1e5)
+    calls = _spy_compiled_forward(monkeypatch)
+    auto = _layer("auto", dim=16, ffn_dim=8, z_loss_coef=1e-2)
+    loop = copy.deepcopy(auto)
+    loop.experts.backend = "loop"
+    shape = (4, 40)  # 160 tokens, 320 rows: the loop's size on the CPU (select_backend)
+    assert select_backend("auto", torch.device("cpu"), F64, widths=(16, 8), rows=320) == "loop"
+    x, g = _x(shape, dim=16), _x(shape, seed=2, dim=16)
+    torch._dynamo.utils.counters.clear()
+    res, gx, grads = _run(auto, x, g)
+    assert calls == [x.numel()] and not torch._dynamo.utils.counters["graph_break"]
+    ref, gx_ref, grads_ref = _run(loop, x, g)
+    assert len(calls) == 1  # an explicit backend stays eager
+    torch.testing.assert_close(res.out, ref.out, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(res.aux_loss, ref.aux_loss, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(res.z_loss, ref.z_loss, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(res.stats.tokens_per_expert, ref.stats.tokens_per_expert)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-9, atol=1e-10)
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-9, atol=1e-10, msg=n)
+
+    with torch.no_grad():
+        auto(x)  # inference: the eager paths
+    auto.eval()
+    auto(x.requires_grad_())  # eval mode, even with gradients
+    auto.train()
+    _run(auto, x[:1, :8], g[:1, :8])  # 8 tokens: below min_flops
+    assert len(calls) == 1
+
+
+def test_auto_compile_failure_warns_once_and_trains_eagerly(fresh_dynamo, monkeypatch, caplog):
+    monkeypatch.setattr(moe_mod._AUTO_COMPILE, "enabled", True)
+    monkeypatch.setattr(moe_mod._AUTO_COMPILE, "min_flops", 1e5)
+    calls = _spy_compiled_forward(monkeypatch, fail=True)
+    auto = _layer("auto", dim=16, ffn_dim=8)
+    loop = copy.deepcopy(auto)
+    loop.experts.backend = "loop"
+    x, g = _x((4, 40), dim=16), _x((4, 40), seed=2, dim=16)
+    with caplog.at_level("WARNING", logger="moekit"):
+        res, gx, _ = _run(auto, x, g)
+        _run(auto, x, g)
+    assert len(calls) == 1 and not moe_mod._AUTO_COMPILE.enabled  # tried once
+    assert sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1
+    ref, gx_ref, _ = _run(loop, x, g)
+    torch.testing.assert_close(res.out, ref.out, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+
+
+def test_kernels_env_switch_keeps_training_eager(monkeypatch):
+    monkeypatch.setenv("MOEKIT_KERNELS", "eager")
+    assert not moe_mod._AutoCompile().enabled
+    monkeypatch.delenv("MOEKIT_KERNELS")
+    assert moe_mod._AutoCompile().enabled
+
+
 # ---------------------------------------------------------------------------------------------- buffers
 def _poison_scratch(value: float = float("nan")) -> int:
     for buf in _SCRATCH.buffers.values():
