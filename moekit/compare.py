@@ -134,9 +134,14 @@ def run_one(label: str, cfg_dict: dict[str, Any], tc_dict: dict[str, Any], spec_
 
 
 def _run_isolated(args: tuple) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
+    pool = mp.get_context("spawn").Pool(1)
+    try:
         return pool.apply(run_one, args)
+    finally:
+        # let the worker exit on its own: terminating it (the Pool context manager does) leaves the compile
+        # workers torch.compile started there unreleased, and Python warns of a leaked semaphore at exit
+        pool.close()
+        pool.join()
 
 
 def crossover_tokens(curve: list[dict[str, float]], target: float) -> float | None:

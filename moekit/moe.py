@@ -190,9 +190,9 @@ class _AutoCompile:
     """backend="auto" on the CPU: training calls run the layer through torch.compile (the "compiled" backend:
     the experts as one opaque op, inductor fusing the router, dispatch plan, gather, combine and statistics
     around it). Measured on preset small (d=192, E=8, F=256, bf16 autocast, AMD EPYC without AMX), training
-    tokens/s against the dense twin in one interleaved run: 0.918 compiled against 0.866 eager
-    (benchmarks/RESULTS.md, "End to end"); the first training step pays the compilation (~15 s, a few seconds
-    with inductor's on-disk cache warm). Inference (eval, generation) keeps the eager paths and the decode
+    tokens/s against the dense twin, interleaved in one process: 0.90-0.93 compiled against 0.87-0.90 eager in
+    five of six runs (benchmarks/RESULTS.md, "What changed", item 9); the first training step pays the
+    compilation (5-6 s with inductor's on-disk cache warm, ~16 s cold). Inference (eval, generation) keeps the eager paths and the decode
     kernel, and calls below ``min_flops`` (the tests' toy layers) stay eager: compiling costs more than they
     run. If compilation fails (no C++ compiler, an unsupported op) it warns once and every layer trains eagerly
     from then on; ``MOEKIT_KERNELS=eager`` keeps training eager from the start."""
@@ -201,8 +201,13 @@ class _AutoCompile:
 
     def __init__(self) -> None:
         self.enabled = os.environ.get("MOEKIT_KERNELS") != "eager"
+        self.announced = False
 
     def forward(self, layer: MoE, x: Tensor, aux: bool) -> MoEOutput | None:
+        if not self.announced:
+            self.announced = True
+            log.info("MoE layers: training through torch.compile; the first step compiles (~10 s; "
+                     "MOEKIT_KERNELS=eager trains the eager layer)")
         try:
             return _compiled_forward()(layer, x, aux)
         except Exception as e:  # noqa: BLE001 (any failure to compile: the eager layer from now on)
