@@ -19,8 +19,8 @@ memory-bound steps that are several eager passes over [T*K, D] (``moe.combine`` 
 Where inductor cannot build (no C++ compiler, an unsupported op) the first failure warns once and the
 function returns None from then on: the callers run their eager path. Called while TorchDynamo traces (the MoE
 layer through torch.compile) it returns None too: the eager ops join that graph and inductor fuses them there
-(calling a kernel from inside the graph would break it in two at the kernel's lock). ``MOEKIT_KERNELS=eager`` (or its older
-name ``MOEKIT_DECODE_KERNEL=eager``) selects the eager paths from the start.
+(calling a kernel from inside the graph would break it in two at the kernel's lock). ``MOEKIT_KERNELS=eager``
+(or its older name ``MOEKIT_DECODE_KERNEL=eager``) selects the eager paths from the start.
 """
 
 from __future__ import annotations

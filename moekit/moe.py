@@ -192,10 +192,10 @@ class _AutoCompile:
     around it). Measured on preset small (d=192, E=8, F=256, bf16 autocast, AMD EPYC without AMX), training
     tokens/s against the dense twin, interleaved in one process: 0.90-0.93 compiled against 0.87-0.90 eager in
     five of six runs (benchmarks/RESULTS.md, "What changed", item 9); the first training step pays the
-    compilation (5-6 s with inductor's on-disk cache warm, ~16 s cold). Inference (eval, generation) keeps the eager paths and the decode
-    kernel, and calls below ``min_flops`` (the tests' toy layers) stay eager: compiling costs more than they
-    run. If compilation fails (no C++ compiler, an unsupported op) it warns once and every layer trains eagerly
-    from then on; ``MOEKIT_KERNELS=eager`` keeps training eager from the start."""
+    compilation (5-6 s with inductor's on-disk cache warm, ~16 s cold). Inference (eval, generation) keeps the eager
+    paths and the decode kernel, and calls below ``min_flops`` (the tests' toy layers) stay eager: compiling costs
+    more than they run. If compilation fails (no C++ compiler, an unsupported op) it warns once and every layer
+    trains eagerly from then on; ``MOEKIT_KERNELS=eager`` keeps training eager from the start."""
 
     min_flops = 1e9  # SwiGLU FLOPs of the call (6 * rows * dim * ffn): preset small's training calls are 2.4e9
 
