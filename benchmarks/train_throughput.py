@@ -164,8 +164,8 @@ def main() -> None:
                           widths=(cfg.dim, cfg.moe.expert_ffn_dim or cfg.ffn_dim), rows=T * cfg.moe.top_k)
     from moekit.moe import _AUTO_COMPILE
 
-    if (auto == "loop" and _AUTO_COMPILE.enabled and cfg.moe.backend == "auto"
-            and 6.0 * T * cfg.moe.top_k * cfg.dim * (cfg.moe.expert_ffn_dim or cfg.ffn_dim) >= _AUTO_COMPILE.min_flops):
+    if cfg.moe.backend == "auto" and _AUTO_COMPILE.applies(torch.device("cpu"), torch.bfloat16, cfg.dim,
+                                                            cfg.moe.expert_ffn_dim or cfg.ffn_dim, T * cfg.moe.top_k):
         auto += ", training through torch.compile"
     print(f"train throughput: preset {args.preset} ({info['moe']['active_params'] / 1e6:.2f}M active of "
           f"{info['moe']['params'] / 1e6:.2f}M) vs dense twin ffn_dim={twin.ffn_dim} "

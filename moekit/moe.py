@@ -85,14 +85,11 @@ class MoE(nn.Module):
         """backend="auto" trains through the compiled layer (``_AutoCompile``) where the loop would run: CPU
         training calls (grad enabled, module in training mode) of at least ``_AutoCompile.min_flops``, one
         process (no expert parallelism)."""
-        ex = self.experts
-        if (ex.backend != "auto" or not _AUTO_COMPILE.enabled or self.dispatcher is not None or not self.training
-                or not torch.is_grad_enabled() or x.device.type != "cpu"):
+        if (self.experts.backend != "auto" or self.dispatcher is not None or not self.training
+                or not torch.is_grad_enabled()):
             return False
         rows = x.numel() // self.dim * self.config.top_k
-        if 6.0 * rows * self.dim * ex.ffn_dim < _AUTO_COMPILE.min_flops:
-            return False
-        return select_backend("auto", x.device, compute_dtype(x), widths=(self.dim, ex.ffn_dim), rows=rows) == "loop"
+        return _AUTO_COMPILE.applies(x.device, compute_dtype(x), self.dim, self.experts.ffn_dim, rows)
 
     def _forward(self, x: Tensor, aux: bool = True) -> MoEOutput:
         x_TD = x.reshape(-1, self.dim)
@@ -202,6 +199,11 @@ class _AutoCompile:
     def __init__(self) -> None:
         self.enabled = os.environ.get("MOEKIT_KERNELS") != "eager"
         self.announced = False
+
+    def applies(self, device: torch.device, dtype: torch.dtype, dim: int, ffn_dim: int, rows: int) -> bool:
+        """Does a training call of ``rows`` expert rows (tokens x top-k) in ``dtype`` run compiled?"""
+        return (self.enabled and device.type == "cpu" and 6.0 * rows * dim * ffn_dim >= self.min_flops
+                and select_backend("auto", device, dtype, widths=(dim, ffn_dim), rows=rows) == "loop")
 
     def forward(self, layer: MoE, x: Tensor, aux: bool) -> MoEOutput | None:
         if not self.announced:
