@@ -17,7 +17,7 @@ bf16 autocast, ``loss.backward()``, one host read of the losses, grad clipping, 
 sampled before timing from the built-in standard-library corpus (``--data``; the data pipeline is not what
 is measured), the same batches in the same order for every model. Real text matters: on random token ids
 the hidden states carry no information and the router sends almost every token to the same two experts
-within a few steps (load imbalance 4.0 of 8 experts top-2), which is not the routing a real run times.
+within a few steps (load imbalance 4.0, the maximum for 8 experts top-2), which is not the routing a real run times.
 The MoE model's per-layer load imbalance (max / mean assignments per expert) over the timed steps is
 printed and written with the timings. Decode: greedy generation with the KV cache, batch 1
 (``moekit.generate.sample_tokens``), after a prefill of ``--prompt`` tokens, in the model's fp32 weights
@@ -172,11 +172,11 @@ def main() -> None:
           f"({info['dense-active']['params'] / 1e6:.2f}M); {T} tokens/step, bf16 autocast; "
           f"experts backend auto -> {auto}; {torch.get_num_threads()} threads")
 
-    compile_s = {}  # the first training step of each model (the compiled layer compiles there)
+    first_step_s = {}  # the first training step of each model (the compiled layer compiles there)
     for name, step_fn in steps.items():
         t0 = time.perf_counter()
         step_fn()
-        compile_s[name] = time.perf_counter() - t0
+        first_step_s[name] = time.perf_counter() - t0
 
     def run_steps(fn):
         return lambda: [fn() for _ in range(args.steps)]
@@ -193,7 +193,7 @@ def main() -> None:
              "load_after": load_now(), "tokens_per_s": {n: statistics.median(v) for n, v in tok_s.items()},
              "ratio_to_dense": {n: statistics.median(a / b for a, b in zip(tok_s[n], tok_s["dense-active"]))
                                 for n in tok_s},
-             "samples_tokens_per_s": tok_s, "compile_s": compile_s, "data": args.data,
+             "samples_tokens_per_s": tok_s, "first_step_s": first_step_s, "data": args.data,
              "load_imbalance_per_layer": {n: [statistics.median(col) for col in zip(*v)] for n, v in imbalance.items()
                                           if v}}
     print(f"\ntraining ({rounds} rounds x {args.steps} steps; load {load0['loadavg_1m']} -> "
@@ -202,7 +202,7 @@ def main() -> None:
     for n, v in train["tokens_per_s"].items():
         print(f"  {n:14s} {v:10.0f} {train['ratio_to_dense'][n]:14.3f}")
     print("  first training step (compiles the layer and the kernels where they run): "
-          + ", ".join(f"{n} {t:.1f} s" for n, t in compile_s.items()))
+          + ", ".join(f"{n} {t:.1f} s" for n, t in first_step_s.items()))
     worst = cfg.moe.n_experts / cfg.moe.top_k
     for n, v in train["load_imbalance_per_layer"].items():
         per_layer = ", ".join(f"{x:.2f}" for x in v)
