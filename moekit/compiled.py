@@ -36,6 +36,13 @@ from torch import Tensor
 log = logging.getLogger("moekit")
 
 
+def kernels_turned_off(*, decode_alias: bool = False) -> bool:
+    """``MOEKIT_KERNELS=eager``: the compiled kernels and the compiled training layer are off (the kernels also
+    honour the switch's older name, ``MOEKIT_DECODE_KERNEL=eager``)."""
+    names = ("MOEKIT_KERNELS", "MOEKIT_DECODE_KERNEL") if decode_alias else ("MOEKIT_KERNELS",)
+    return any(os.environ.get(n) == "eager" for n in names)
+
+
 def accumulate_dtype(*tensors: Tensor) -> torch.dtype:
     """The dtype the kernels accumulate in: fp32 for bf16/fp16/fp32 operands, float64 when one is float64."""
     dtype = torch.float32
@@ -51,7 +58,7 @@ class InductorFn:
         self.fn, self.name = fn, name
         # {argument position: dims kept static (their sizes join the signature)}
         self.static_dims = static_dims or {}
-        self.enabled = "eager" not in (os.environ.get("MOEKIT_KERNELS"), os.environ.get("MOEKIT_DECODE_KERNEL"))
+        self.enabled = not kernels_turned_off(decode_alias=True)
         self._compiled: dict[tuple, Callable[..., Tensor]] = {}
         self._lock = threading.Lock()
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from moekit.compiled import InductorFn, accumulate_dtype
+from moekit.compiled import InductorFn, accumulate_dtype, kernels_turned_off
 from moekit.config import MoEConfig
 from moekit.dispatch import DispatchPlan, gather_rows, plan_dispatch
 from moekit.experts import MLP, Experts, compute_dtype, experts_decode, select_backend
@@ -197,7 +196,7 @@ class _AutoCompile:
     min_flops = 1e9  # SwiGLU FLOPs of the call (6 * rows * dim * ffn): preset small's training calls are 2.4e9
 
     def __init__(self) -> None:
-        self.enabled = os.environ.get("MOEKIT_KERNELS") != "eager"
+        self.enabled = not kernels_turned_off()
         self.announced = False
 
     def applies(self, device: torch.device, dtype: torch.dtype, dim: int, ffn_dim: int, rows: int) -> bool:
