@@ -5,6 +5,9 @@
                                                # T = 4096 and 16384, decode T = 1, 2, 8; fp32 and bf16
     python3 benchmarks/moe_layer.py --quick    # smoke run: T = 256 and 1024, decode T = 1, 3 rounds
     python3 benchmarks/moe_layer.py --sections layer --tokens 4096 --dtypes bf16 --modes fwdbwd
+    python3 benchmarks/moe_layer.py --device cuda --shape mixtral --dtypes bf16   # on a GPU (layer section):
+                                               # d=4096, expert FFN 14336, E=8, top-2, T = 16384
+    python3 benchmarks/moe_layer.py --device cuda --shape fine --dtypes bf16      # d=2048, FFN 768, E=128, top-8
 
 Writes ``benchmarks/results/moe_layer.json`` (every sample) and prints the tables.
 
@@ -66,7 +69,11 @@ if str(ROOT) not in sys.path:
 
 from moekit.cli import ALLOCATOR_ENV, _tune_allocator  # noqa: E402  (stdlib only: imported before torch)
 
-D, FFN, E, K = 512, 1408, 8, 2
+# (dim, expert FFN width, experts, top-k) per --shape; the issue's CPU shape, and the GPU shapes of issue 5:
+# Mixtral 8x7B's layer and a fine-grained one (Qwen3-MoE / DeepSeek-style: many narrow experts)
+SHAPES = {"issue": (512, 1408, 8, 2), "mixtral": (4096, 14336, 8, 2), "fine": (2048, 768, 128, 8)}
+D, FFN, E, K = SHAPES["issue"]
+DEVICE = "cpu"  # --device; every tensor of a case is made there
 N_INPUTS = 8  # distinct inputs (routings) a layer case cycles through
 # Variants share one process, so one implementation's compiled oneDNN GEMMs (one per shape) must not
 # evict another's from the default 1024-entry cache: each then behaves as if it ran alone.
@@ -125,7 +132,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "gpu": gpu, "cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
             "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV},
             "bench_env": {k: os.environ.get(k) for k in BENCH_ENV}}
@@ -141,8 +150,9 @@ def build(dtype, hf_impls: list[str], seed: int = 0):
     from moekit.moe import MoE
 
     torch.manual_seed(seed)
-    moe = MoE(D, MoEConfig(n_experts=E, top_k=K, expert_ffn_dim=FFN)).to(dtype)
-    dense = MLP(D, K * FFN).to(dtype)
+    with torch.device(DEVICE):  # initialised where they run (a Mixtral-shaped layer is 1.4G parameters)
+        moe = MoE(D, MoEConfig(n_experts=E, top_k=K, expert_ffn_dim=FFN)).to(dtype)
+        dense = MLP(D, K * FFN).to(dtype)
     hf = {}
     if hf_impls:
         from transformers import MixtralConfig
@@ -152,7 +162,8 @@ def build(dtype, hf_impls: list[str], seed: int = 0):
         for impl in hf_impls:
             cfg = copy.deepcopy(base)  # the implementation is read from the config at every call
             cfg._experts_implementation = impl
-            block = MixtralSparseMoeBlock(cfg).to(dtype)
+            with torch.device(DEVICE):
+                block = MixtralSparseMoeBlock(cfg).to(dtype)
             with torch.no_grad():  # Mixtral routing = moekit's default: softmax, top-k, renormalise
                 block.gate.weight.copy_(moe.router.weight)
                 block.experts.gate_up_proj.copy_(moe.experts.w_in)
@@ -180,22 +191,64 @@ def moekit_call(moe, backend: str, aux: bool = True):
     return call
 
 
+def hf_call(block):
+    """transformers' block as a function of x (versions that also return the router logits: the output alone)."""
+    def call(x):
+        out = block(x)
+        return out[0] if isinstance(out, tuple) else out
+    return call
+
+
 def auto_backend(T: int, dtype) -> str:
     """The backend ``MoEConfig(backend="auto")`` runs for T tokens here."""
     import torch
 
     from moekit.experts import select_backend
 
-    return select_backend("auto", torch.device("cpu"), dtype, widths=(D, FFN), rows=T * K)
+    return select_backend("auto", torch.device(DEVICE), dtype, widths=(D, FFN), rows=T * K)
 
 
-def per_token_error(out, ref) -> tuple[float, float]:
-    """(99th percentile, max) over tokens of |out_t - ref_t| / |ref_t|."""
+def sync() -> None:
+    """Wait for the device: CUDA runs asynchronously, and a host clock must see the kernels end."""
+    import torch
+
+    if torch.device(DEVICE).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def synced(f):
+    """f, then ``sync()``."""
+    def g():
+        f()
+        sync()
+    return g
+
+
+def per_token_error(out, ref, keep_T=None) -> tuple[float, float]:
+    """(99th percentile, max) over tokens (those where ``keep_T`` is True) of |out_t - ref_t| / |ref_t|."""
     import torch
 
     o, r = out.detach().float().reshape(-1, out.shape[-1]), ref.detach().float().reshape(-1, ref.shape[-1])
     err = (o - r).norm(dim=-1) / r.norm(dim=-1).clamp_min(1e-30)
+    if keep_T is not None:
+        err = err[keep_T]
     return float(torch.quantile(err, 0.99)), float(err.max())
+
+
+def clear_routing(moe, x, dtype):
+    """[T] bool: tokens whose k-th and (k+1)-th router logits (float64) differ by more than the rounding of
+    ``dtype`` can move them. Implementations that compute the router in other precisions (transformers in the
+    model dtype, moekit in fp32) may pick either expert of a near-tie, so outputs are compared on the other
+    tokens; with random routers and many experts (E=64+, top-8) bf16 flips a choice in a sizeable share."""
+    import torch
+
+    x_TD = x.detach().reshape(-1, x.shape[-1]).double()
+    if K >= E:
+        return torch.ones(x_TD.shape[0], dtype=torch.bool, device=x.device)
+    logits_TE = x_TD @ moe.router.weight.detach().double().t()
+    top_TK = logits_TE.topk(K + 1, dim=-1).values
+    eps = 1e-5 if dtype == torch.float32 else 4e-2 * float(logits_TE.abs().mean())
+    return (top_TK[:, K - 1] - top_TK[:, K]) > eps
 
 
 # ---------------------------------------------------------------------------------------------- layer
@@ -209,13 +262,13 @@ def bench_layer(T: int, dtype_name: str, modes: list[str], backends: list[str], 
               if i != "batched_mm" or T * K * 3 * FFN * D * dtype.itemsize / 2**30 <= hf_mem_gib]
     moe, dense, hf = build(dtype, hf_run)
     gen = torch.Generator().manual_seed(1)
-    g = torch.randn(1, T, D, generator=gen).to(dtype)
+    g = torch.randn(1, T, D, generator=gen).to(DEVICE, dtype)
     # N_INPUTS different inputs, cycled round by round (the same for all variants of a round): the routing,
     # so every expert's row count, changes from call to call as in training. The warm-up rounds go once
     # through all of them, so the timed rounds see the steady state of a training run, where per-shape
     # caches (oneDNN's compiled bf16 GEMMs, see moekit/experts.py _ROW_BLOCK) hold every shape an
     # implementation keeps producing.
-    xs = [torch.randn(1, T, D, generator=gen).to(dtype) for _ in range(N_INPUTS)]
+    xs = [torch.randn(1, T, D, generator=gen).to(DEVICE, dtype) for _ in range(N_INPUTS)]
     x = xs[0]
     cur = {"x": x}
 
@@ -225,7 +278,7 @@ def bench_layer(T: int, dtype_name: str, modes: list[str], backends: list[str], 
     for b in backends:
         calls["moekit" if b == "auto" else f"moekit-{b}"] = moekit_call(moe, b)
     for impl, block in hf.items():
-        calls[f"hf-{impl}"] = block
+        calls[f"hf-{impl}"] = hf_call(block)
     params = {"dense": list(dense.parameters()), **{n: list(moe.parameters()) for n in calls if n.startswith("moekit")},
               **{f"hf-{i}": list(b.parameters()) for i, b in hf.items()}}
 
@@ -235,7 +288,8 @@ def bench_layer(T: int, dtype_name: str, modes: list[str], backends: list[str], 
     ref_out = calls[ref_name](xr)
     ref_out.backward(g)
     ref_grad = xr.grad
-    checks = {}
+    keep_T = clear_routing(moe, x, dtype)
+    checks = {"tokens_compared": int(keep_T.sum()), "tokens": T}
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     compile_s = {}
     for name, call in calls.items():
@@ -245,10 +299,11 @@ def bench_layer(T: int, dtype_name: str, modes: list[str], backends: list[str], 
         t0 = time.perf_counter()
         out = call(xv)
         out.backward(g)
+        sync()
         if name.endswith("compiled"):
             compile_s["first fwd+bwd (compiles)"] = time.perf_counter() - t0
-        p99, mx = per_token_error(out, ref_out)
-        gp99, gmx = per_token_error(xv.grad, ref_grad)
+        p99, mx = per_token_error(out, ref_out, keep_T)
+        gp99, gmx = per_token_error(xv.grad, ref_grad, keep_T)
         ok = max(p99, gp99) < tol and (dtype != torch.float32 or max(mx, gmx) < tol)
         checks[name] = {"out_p99": p99, "out_max": mx, "grad_p99": gp99, "grad_max": gmx, "ok": ok}
         if not ok:
@@ -257,6 +312,7 @@ def bench_layer(T: int, dtype_name: str, modes: list[str], backends: list[str], 
         with torch.no_grad():
             t0 = time.perf_counter()
             calls["moekit-compiled"](x)
+            sync()
             compile_s["first forward (compiles)"] = time.perf_counter() - t0
 
     results = []
@@ -273,12 +329,13 @@ def bench_layer(T: int, dtype_name: str, modes: list[str], backends: list[str], 
                         p.grad = None
                     xv = cur["x"].detach().requires_grad_()
                     call(xv).backward(g)
-            return f
+            return synced(f)
 
         load0 = load_now()
         times = interleaved({n: make(n, c) for n, c in calls.items()}, rounds, warmup=N_INPUTS,
                             before_round=next_input)
-        res = {"section": "layer", "T": T, "dtype": dtype_name, "mode": mode, "rounds": rounds,
+        res = {"section": "layer", "T": T, "dtype": dtype_name, "mode": mode, "rounds": rounds, "device": DEVICE,
+               "shape": {"dim": D, "expert_ffn": FFN, "experts": E, "top_k": K},
                "auto_backend": auto_backend(T, dtype), "load_before": load0, "load_after": load_now(),
                "median_s": {n: statistics.median(v) for n, v in times.items()},
                "ratio_to_dense": {n: median_ratio(times, n, "dense") for n in times},
@@ -302,6 +359,10 @@ def print_layer(res: dict) -> None:
     for n, t in res["median_s"].items():
         sp = res.get("speedup_vs", {}).get(n)
         print(f"  {n:22s} {t * 1e3:10.1f} {res['ratio_to_dense'][n]:8.3f} {'' if sp is None else f'{sp:.2f}x':>17s}")
+    c = res["checks"]
+    print(f"  (every variant agreed with {res['reference']} on {c['tokens_compared']} of {c['tokens']} tokens: "
+          "the others are near a routing tie)" if c["tokens_compared"] < c["tokens"] else
+          f"  (every variant agreed with {res['reference']} on all {c['tokens']} tokens)")
     if res.get("compile_s"):
         print("  compile: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["compile_s"].items()))
     for n, why in res.get("skipped", {}).items():
@@ -352,7 +413,7 @@ def bench_decode(Ts: list[int], dtype_name: str, backends: list[str], hf_impls: 
             fns["moekit" if b == "auto" else f"moekit-{b}"] = rep(moekit_call(moe, b, aux=False))
         fns["moekit+stats"] = rep(moekit_call(moe, "auto"))
         for impl, block in hf.items():
-            fns[f"hf-{impl}"] = rep(block)
+            fns[f"hf-{impl}"] = rep(hf_call(block))
         fns["bw: sum 1 GiB"] = lambda: big.sum()
         fns["bw: copy 1 GiB"] = lambda: big_dst.copy_(big)
         fns["bw: sum expert-sized"] = lambda: [resident.sum() for _ in range(8)]
@@ -360,7 +421,8 @@ def bench_decode(Ts: list[int], dtype_name: str, backends: list[str], hf_impls: 
             ref = moe(x).out
             for name in fns:
                 if name.startswith(("moekit-", "hf-")):
-                    call = moekit_call(moe, name[7:], aux=False) if name.startswith("moekit-") else hf[name[3:]]
+                    is_moekit = name.startswith("moekit-")
+                    call = moekit_call(moe, name[7:], aux=False) if is_moekit else hf_call(hf[name[3:]])
                     p99, mx = per_token_error(call(x), ref)
                     if mx > (1e-3 if dtype == torch.float32 else 5e-2):
                         raise SystemExit(f"decode T={T}: {name} disagrees with moekit (max rel err {mx:.2e})")
@@ -471,16 +533,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and few rounds (a smoke test)")
-    p.add_argument("--sections", default="layer,decode,allocator", help="comma list of layer, decode, allocator")
-    p.add_argument("--tokens", help="comma list of T for the layer section (default 4096,16384)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (on a GPU only the layer section runs)")
+    p.add_argument("--shape", default="issue", choices=list(SHAPES),
+                   help="layer shape: " + "; ".join(f"{n}: d={s[0]}, FFN {s[1]}, E={s[2]}, top-{s[3]}"
+                                                    for n, s in SHAPES.items()))
+    p.add_argument("--dim", type=int, help="override the shape's model dim")
+    p.add_argument("--ffn", type=int, help="override the shape's expert FFN width")
+    p.add_argument("--experts", type=int, help="override the shape's expert count")
+    p.add_argument("--top-k", type=int, help="override the shape's top-k")
+    p.add_argument("--sections", help="comma list of layer, decode, allocator (default all three on the CPU, "
+                                      "layer on a GPU: decode and allocator measure the CPU)")
+    p.add_argument("--tokens", help="comma list of T for the layer section (default 4096,16384; 16384 on a GPU)")
     p.add_argument("--decode-tokens", help="comma list of T for the decode section (default 1,2,8)")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd (inference forward) and/or fwdbwd")
-    p.add_argument("--backends", default="auto,loop-serial,grouped,padded,compiled",
-                   help="moekit variants (auto = what MoEConfig() picks)")
+    p.add_argument("--backends", help="moekit variants (auto = what MoEConfig() picks; default "
+                                      "auto,loop-serial,grouped,padded,compiled; on a GPU without loop-serial)")
     p.add_argument("--hf", default="eager,grouped_mm,batched_mm",
                    help="transformers experts implementations (comma list; '' skips them)")
-    p.add_argument("--hf-mem-gib", type=float, default=2.0, help="skip batched_mm above this weight-copy size")
+    p.add_argument("--hf-mem-gib", type=float, default=2.0,
+                   help="skip batched_mm above this weight-copy size (default 2; on a GPU, a quarter of its memory)")
     p.add_argument("--rounds", type=int, help="timed rounds per case (default 7; decode 15)")
     p.add_argument("--allocator-tokens", type=int, help="T of the allocator comparison (default 16384)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_layer.json"))
@@ -496,17 +568,38 @@ def main() -> None:
 
     import torch
 
+    global D, FFN, E, K, DEVICE
+    D, FFN, E, K = SHAPES[args.shape]
+    D, FFN, E, K = args.dim or D, args.ffn or FFN, args.experts or E, args.top_k or K
+    DEVICE = args.device
+    gpu = torch.device(DEVICE).type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit(f"--device {DEVICE}: torch {torch.__version__} sees no CUDA device")
+    if gpu:
+        torch.cuda.set_device(torch.device(DEVICE))
     try:
         import transformers  # noqa: F401
     except ImportError:
         print("transformers is not installed: the hf-* variants are skipped", file=sys.stderr)
         args.hf = ""
-    sections = args.sections.split(",")
-    tokens = [int(t) for t in (args.tokens or ("256,1024" if args.quick else "4096,16384")).split(",")]
+    sections = (args.sections or ("layer" if gpu else "layer,decode,allocator")).split(",")
+    if gpu and set(sections) - {"layer"}:
+        raise SystemExit(f"--sections {args.sections}: on a GPU only the layer section runs (decode and allocator "
+                         "measure the CPU's memory bandwidth and glibc)")
+    if (D, FFN, E, K) != SHAPES["issue"] and set(sections) - {"layer"}:
+        raise SystemExit("decode and allocator run the issue's shape only (--shape issue, no size overrides)")
+    default_tokens = "256,1024" if args.quick else "16384" if gpu else "4096,16384"
+    tokens = [int(t) for t in (args.tokens or default_tokens).split(",")]
     dec_tokens = [int(t) for t in (args.decode_tokens or ("1" if args.quick else "1,2,8")).split(",")]
     rounds = args.rounds or (3 if args.quick else 7)
     dtypes, modes = args.dtypes.split(","), args.modes.split(",")
-    backends = [b for b in args.backends.split(",") if b]
+    default_backends = "auto,grouped,loop,padded,compiled" if gpu else "auto,loop-serial,grouped,padded,compiled"
+    backends = [b for b in (args.backends or default_backends).split(",") if b]
+    if gpu and "loop-serial" in backends:
+        raise SystemExit("--backends: loop-serial is the CPU loop without the expert threads; use loop on a GPU")
+    hf_mem_gib = args.hf_mem_gib
+    if gpu and "--hf-mem-gib" not in " ".join(sys.argv):
+        hf_mem_gib = torch.cuda.get_device_properties(torch.device(DEVICE)).total_memory / 4 / 2**30
     hf_impls = [h for h in args.hf.split(",") if h]
     if hf_impls:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -517,12 +610,13 @@ def main() -> None:
             raise SystemExit(f"--hf: {', '.join(unknown)} not among transformers' experts implementations "
                              f"({', '.join(sorted(known))}; '' skips them)")
     out = {"machine": machine(), "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": []}
+    where = f"{out['machine']['gpu']} ({DEVICE})" if gpu else f"{torch.get_num_threads()} threads"
     print(f"moekit MoE layer benchmark: d={D}, expert FFN {FFN}, E={E}, top-{K}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; allocator env {out['machine']['allocator_env']}")
+          f"{where}; allocator env {out['machine']['allocator_env']}")
     if "layer" in sections:
         for T in tokens:
             for dt in dtypes:
-                out["results"] += bench_layer(T, dt, modes, backends, hf_impls, rounds, args.hf_mem_gib)
+                out["results"] += bench_layer(T, dt, modes, backends, hf_impls, rounds, hf_mem_gib)
     if "decode" in sections:
         for dt in dtypes:
             out["results"] += bench_decode(dec_tokens, dt, [b for b in backends if b != "compiled"], hf_impls,

@@ -211,7 +211,12 @@ def sum_rows_per_token(v_AD: Tensor, inverse_A: Tensor, T: int, K: int) -> Tenso
 
 
 def _sum_rows_kernel(v_AD: Tensor, inverse_A: Tensor, K: int) -> Tensor:
-    return v_AD[inverse_A.view(-1, K)].to(accumulate_dtype(v_AD)).sum(1).to(v_AD.dtype)
+    """K - 1 adds of gathered rows, not a sum over a K dim (vectorised along D; see ``moe._combine_kernel``)."""
+    idx_TK = inverse_A.view(-1, K)
+    out_TD = v_AD[idx_TK[:, 0]].to(accumulate_dtype(v_AD))
+    for k in range(1, K):
+        out_TD = out_TD + v_AD[idx_TK[:, k]]
+    return out_TD.to(v_AD.dtype)
 
 
 _SUM_ROWS = InductorFn(_sum_rows_kernel, "row-sum kernel")

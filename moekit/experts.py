@@ -22,7 +22,7 @@ Backends (all take rows already sorted by expert, see ``dispatch.py``):
   padded    rows scattered into an [E, C, D] buffer and run as one batched matmul (static shapes in
             capacity mode; dropless mode pads to the largest expert, one sync)
   compiled  the whole MoE layer through ``torch.compile``, the experts an opaque custom op (the loop
-            backend on the CPU, grouped elsewhere), so routing changes never recompile
+            backend on the CPU, grouped elsewhere where it runs), so routing changes never recompile
 loop and grouped share one autograd Function with a hand-written backward (see "execution" below).
 Inference on a few tokens (generation) bypasses the backends: ``Experts.decode`` (and the dense MLP for one
 token) runs one compiled kernel that reads only the chosen experts' weights (``_DECODE_KERNEL``).
@@ -35,6 +35,7 @@ cannot run raises.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -624,7 +625,11 @@ class _Tails:
                 out_EMN[e].addmm_(a_UMB[u], b_UBN[u])
 
 
-def _flops(A: int, w_in_EID: Tensor, w_out_EDF: Tensor) -> float:
+def _thread_flops(device: torch.device, A: int, w_in_EID: Tensor, w_out_EDF: Tensor) -> float:
+    """The forward GEMM FLOPs of a call, as ``_ExpertThreads`` weighs them; 0 (inline) off the CPU, where the
+    kernels queue on the device's stream and host threads would only add hand-overs."""
+    if device.type != "cpu":
+        return 0.0
     return 2.0 * A * (w_in_EID.shape[1] * w_in_EID.shape[2] + w_out_EDF.shape[1] * w_out_EDF.shape[2])
 
 
@@ -667,7 +672,7 @@ def _experts_forward(x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI:
         else:
             _mm_rows(a_AF[rows], w_out_EDF[e].t(), y_AD[rows])
 
-    _EXPERT_THREADS.map(expert, seg.spans, _flops(A, w_in_EID, w_out_EDF))
+    _EXPERT_THREADS.map(expert, seg.spans, _thread_flops(dev, A, w_in_EID, w_out_EDF))
     if tails is not None:
         tails.mm(a_AF, w_out_EDF.transpose(1, 2), y_AD)
     if b_out_ED is not None:
@@ -724,7 +729,7 @@ def _experts_backward(dy_AD: Tensor, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: 
         if db_out is not None:
             torch.sum(dy, 0, out=db_out[e])
 
-    _EXPERT_THREADS.map(expert, seg.spans, 2 * _flops(A, w_in_EID, w_out_EDF))
+    _EXPERT_THREADS.map(expert, seg.spans, 2 * _thread_flops(dev, A, w_in_EID, w_out_EDF))
     if tails is not None:
         if dw_out is not None:
             tails.add_weight(dy_AD, a_AF, dw_out)
@@ -764,12 +769,16 @@ def experts_ffn(x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI: Tens
 # ---------------------------------------------------------------------------------------------- compiled
 # backend="compiled": the MoE layer's forward goes through torch.compile (``moekit.moe``). The experts are
 # one opaque custom op there, ``moekit::experts_ffn`` (the loop flavour above on the CPU, grouped on other
-# devices), so the compiled graph never sees the per-expert row counts: its shapes depend on T only and it
-# does not recompile when the routing changes. Inductor fuses the router, dispatch and combine around it.
+# devices where grouped_mm runs the dtype), so the compiled graph never sees the per-expert row counts: its
+# shapes depend on T only and it does not recompile when the routing changes. Inductor fuses the router,
+# dispatch and combine around it.
 
 
-def _op_segments(rows_E: Tensor, expert_idx_A: Tensor) -> _Segments:
-    return _Segments(rows_E, expert_idx_A, grouped=rows_E.device.type != "cpu")
+def _op_segments(rows_E: Tensor, expert_idx_A: Tensor, x_AD: Tensor, w_out_EDF: Tensor) -> _Segments:
+    """grouped off the CPU where grouped_mm runs this dtype and these widths (no host sync); else the loop."""
+    grouped = (x_AD.device.type != "cpu" and grouped_mm_available(x_AD.device, x_AD.dtype)
+               and grouped_mm_aligned(x_AD.dtype, tuple(w_out_EDF.shape[1:])))
+    return _Segments(rows_E, expert_idx_A, grouped=grouped)
 
 
 @torch.library.custom_op("moekit::experts_ffn", mutates_args=(), schema=(
@@ -777,7 +786,7 @@ def _op_segments(rows_E: Tensor, expert_idx_A: Tensor) -> _Segments:
     "str activation, float limit, float alpha, bool keep) -> (Tensor, Tensor, Tensor, Tensor)"))
 def _experts_ffn_op(x, w_in, w_out, b_in, b_out, rows_E, expert_idx, activation, limit, alpha, keep):
     act = _ActSpec(activation, limit, alpha, w_out.shape[2])
-    y, h, a, s = _experts_forward(x, w_in, w_out, b_in, b_out, _op_segments(rows_E, expert_idx), act, keep)
+    y, h, a, s = _experts_forward(x, w_in, w_out, b_in, b_out, _op_segments(rows_E, expert_idx, x, w_out), act, keep)
     if not keep:  # h and a are scratch: never hand them out
         return y, x.new_empty(0), x.new_empty(0), x.new_empty(0)
     return y, h, a, x.new_empty(0) if s is None else s
@@ -798,7 +807,7 @@ def _(x, w_in, w_out, b_in, b_out, rows_E, expert_idx, activation, limit, alpha,
 def _experts_ffn_backward_op(dy, x, w_in, w_out, h, a, s, rows_E, expert_idx, activation, limit, alpha, needs):
     act = _ActSpec(activation, limit, alpha, w_out.shape[2])
     grads = _experts_backward(dy.contiguous(), x, w_in, w_out, h, a, s if s.numel() else None,
-                              _op_segments(rows_E, expert_idx), act, tuple(needs))
+                              _op_segments(rows_E, expert_idx, x, w_out), act, tuple(needs))
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
@@ -841,7 +850,8 @@ _LOGGED: set[tuple[str, str, torch.dtype, str]] = set()
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """The one capability check: does a tiny grouped_mm run and give the right answer here?"""
+    """The one capability check: does a tiny grouped_mm run and give the right answer here, in both forms the
+    grouped backend uses (rows x stacked weights, and the weight gradients' transposed rows x rows)?"""
     key = (device.type, dtype)
     if key not in _GROUPED_OK:
         ok = hasattr(F, "grouped_mm") and dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -853,7 +863,10 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
                 offs = torch.tensor([16, 32], dtype=torch.int32, device=device)
                 out = F.grouped_mm(a, b.transpose(1, 2), offs=offs)
                 ref = torch.cat([a[:16] @ b[0].T, a[16:] @ b[1].T])
-                ok = bool(torch.allclose(out.float(), ref.float(), rtol=5e-2, atol=5e-2 * math.sqrt(16)))
+                dw = F.grouped_mm(out.t(), a, offs=offs)  # [2, 16, 16]: per group out^T a, as dW = dy^T a
+                dw_ref = torch.stack([out[:16].T @ a[:16], out[16:].T @ a[16:]])
+                close = functools.partial(torch.allclose, rtol=5e-2, atol=5e-2 * math.sqrt(16))
+                ok = bool(close(out.float(), ref.float())) and bool(close(dw.float(), dw_ref.float()))
             except (RuntimeError, TypeError, NotImplementedError) as e:  # no kernel for this device/dtype
                 log.debug("grouped_mm unavailable on %s %s: %s: %s", device.type, dtype, type(e).__name__, e)
                 ok = False

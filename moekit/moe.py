@@ -239,10 +239,18 @@ def combine(y_AD: Tensor, plan: DispatchPlan) -> Tensor:
 
 
 def _combine_kernel(y_AD: Tensor, weight_A: Tensor, inverse_A: Tensor, K: int) -> Tensor:
-    """out_t = sum_k w_tk y_tk, gathered through inverse_A and accumulated in fp32 (float64 for float64)."""
+    """out_t = sum_k w_tk y_tk, gathered through inverse_A and accumulated in fp32 (float64 for float64).
+    The K terms are written as K - 1 adds, not a sum over a K dim: inductor vectorises a reduction over a
+    dim of 8 along that dim, gathering from K rows per lane (*ad hoc*, T=4096, K=8, D=512 bf16: 32.6 ms,
+    against the adds' vectors along D; benchmarks/RESULTS.md "What changed", item 10)."""
     idx_TK = inverse_A.view(-1, K)
     acc = accumulate_dtype(y_AD, weight_A)
-    return (y_AD[idx_TK].to(acc) * weight_A[idx_TK].to(acc).unsqueeze(-1)).sum(1).to(y_AD.dtype)
+    out_TD = None
+    for k in range(K):
+        rows_T = idx_TK[:, k]
+        term_TD = y_AD[rows_T].to(acc) * weight_A[rows_T].to(acc).unsqueeze(-1)
+        out_TD = term_TD if out_TD is None else out_TD + term_TD
+    return out_TD.to(y_AD.dtype)
 
 
 def _combine_backward_kernel(g_TD: Tensor, y_AD: Tensor, weight_A: Tensor,

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from devices import DEVICES, needs_cuda
 from reference import ref_moe, state_dict64
 
 from moekit.config import MoEConfig
@@ -80,15 +81,23 @@ def _run(layer: MoE, x: torch.Tensor, g: torch.Tensor):
     return res, x.grad, grads
 
 
+def _on_cpu(res):
+    """A MoEOutput with every tensor on the CPU, where the reference is."""
+    stats = {f.name: getattr(res.stats, f.name).cpu() for f in dataclasses.fields(res.stats)}
+    return dataclasses.replace(res, out=res.out.cpu(), aux_loss=res.aux_loss.cpu(), z_loss=res.z_loss.cpu(),
+                               stats=dataclasses.replace(res.stats, **stats))
+
+
 def _ref_objective(x, sd, cfg, g) -> float:
     r = ref_moe(x, sd, cfg)
     return float((r.out * g).sum() + r.aux_loss + r.z_loss)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_matches_reference(backend, mode, case):
+def test_backend_matches_reference(backend, mode, case, device):
     shape, kw, bias = CASES[case]
     layer64 = _layer("loop", router_bias=bias, **kw, **MODES[mode])
     x64 = _x(shape)
@@ -96,9 +105,17 @@ def test_backend_matches_reference(backend, mode, case):
     ref = ref_moe(x64, state_dict64(layer64), layer64.config)
 
     dtype = _dtype(backend)
-    layer = copy.deepcopy(layer64).to(dtype)
+    dev = torch.device(device)
+    if backend == "grouped" and not grouped_mm_available(dev, dtype):
+        # (a GPU whose torch has no fp32 grouped_mm: auto then runs the loop, an explicit request says why)
+        assert select_backend("auto", dev, dtype, widths=(D, FW)) == "loop"
+        with pytest.raises(RuntimeError, match="grouped"):
+            select_backend("grouped", dev, dtype, widths=(D, FW))
+        return
+    layer = copy.deepcopy(layer64).to(dev, dtype)
     layer.experts.backend = backend
-    res, gx, grads = _run(layer, x64.to(dtype), g64.to(dtype))
+    res, gx, grads = _run(layer, x64.to(dev, dtype), g64.to(dev, dtype))
+    res, gx, grads = _on_cpu(res), gx.cpu(), {n: g.cpu() for n, g in grads.items()}
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == F64 else dict(rtol=2e-5, atol=2e-5)
 
     # forward
@@ -207,17 +224,41 @@ def test_grouped_unaligned_widths(monkeypatch):
             layer(x)
 
 
+@pytest.mark.skipif(**needs_cuda)
+@pytest.mark.parametrize("mode", ["dropless", "cap-position"])
+def test_grouped_layer_never_waits_for_the_host_on_cuda(mode):
+    """What auto runs on CUDA (grouped, bf16): routing, dispatch plan, experts, combine, losses and statistics,
+    forward and backward, queue their kernels without one host synchronisation (no .item(), no boolean-mask
+    shapes, no row counts read back), so the GPU never idles waiting for Python."""
+    dim, ffn = 16, 8
+    cuda = torch.device("cuda")
+    layer = _layer("auto", dim=dim, ffn=ffn, z_loss_coef=1e-2, **MODES[mode]).to(cuda, torch.bfloat16)
+    assert select_backend("auto", cuda, torch.bfloat16, widths=(dim, ffn), rows=64) == "grouped"
+    x = _x((4, 8), dim=dim).to(cuda, torch.bfloat16).requires_grad_()
+    for step in range(2):  # the first call warms up (capability probe, library handles)
+        if step:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            res = layer(x)
+            (res.out.float().square().sum() + res.aux_loss + res.z_loss).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(x.grad).all() and float(res.stats.tokens_per_expert.sum()) > 0
+
+
 # ---------------------------------------------------------------------------------------------- autocast
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_autocast_close_to_fp32(backend):
+def test_bf16_autocast_close_to_fp32(backend, device):
     dim, ffn = 16, 8  # bf16 grouped_mm needs widths that are multiples of 8
-    layer = _layer(backend, dim=dim, ffn=ffn, n_shared_experts=1, shared_expert_gate=True).float()
-    x = _x((3, 5), dim=dim, seed=4).float()
-    g = _x((3, 5), dim=dim, seed=5).float()
+    layer = _layer(backend, dim=dim, ffn=ffn, n_shared_experts=1, shared_expert_gate=True).to(device, F32)
+    x = _x((3, 5), dim=dim, seed=4).to(device, F32)
+    g = _x((3, 5), dim=dim, seed=5).to(device, F32)
     res32, gx32, grads32 = _run(layer, x, g)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         res16, gx16, grads16 = _run(layer, x, g)
     assert res16.out.dtype == F32  # the layer returns the input dtype
     # routing runs in fp32 under autocast: identical expert choices

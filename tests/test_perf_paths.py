@@ -12,10 +12,12 @@ and every gradient against the float64 plain-autograd experts (``ffn`` per exper
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
+from devices import DEVICES
 from reference import ref_moe, state_dict64
 
 import moekit.experts as experts_mod
@@ -23,7 +25,7 @@ import moekit.moe as moe_mod
 from moekit.compiled import InductorFn
 from moekit.config import MoEConfig
 from moekit.experts import _SCRATCH, ffn, release_scratch, select_backend
-from moekit.moe import MoE
+from moekit.moe import MoE, MoEOutput
 
 F64, F32 = torch.float64, torch.float32
 D, E, K, FW = 8, 6, 2, 4
@@ -61,8 +63,8 @@ def fresh_dynamo():
 
 
 def _layer(backend: str, seed: int = 0, dim: int = D, ffn_dim: int = FW, router_bias=None, **kw) -> MoE:
-    cfg = MoEConfig(n_experts=E, top_k=K, expert_ffn_dim=ffn_dim, backend=backend,
-                    router_bias=router_bias is not None, **kw)
+    kw.setdefault("top_k", K)
+    cfg = MoEConfig(n_experts=E, expert_ffn_dim=ffn_dim, backend=backend, router_bias=router_bias is not None, **kw)
     torch.manual_seed(seed)
     layer = MoE(dim, cfg)
     with torch.no_grad():
@@ -97,11 +99,16 @@ def _autograd_experts(self, x_AD, plan):
     return torch.cat(outs)
 
 
-def _check(layer64: MoE, layer: MoE, shape, dtype=F64):
-    """Forward vs ref_moe, the directional derivative vs the reference, every gradient vs plain autograd."""
+def _check(layer64: MoE, layer: MoE, shape, dtype=F64, device: str = "cpu"):
+    """Forward vs ref_moe, the directional derivative vs the reference, every gradient vs plain autograd.
+    ``layer`` runs on ``device``; the references on the CPU."""
     x64, g64 = _x(shape, dim=layer64.dim), _x(shape, seed=2, dim=layer64.dim)
     ref = ref_moe(x64, state_dict64(layer64), layer64.config)
-    res, gx, grads = _run(layer, x64.to(dtype), g64.to(dtype))
+    res, gx, grads = _run(layer.to(device), x64.to(device, dtype), g64.to(device, dtype))
+    if device != "cpu":
+        res = MoEOutput(res.out.cpu(), res.aux_loss.cpu(), res.z_loss.cpu(),
+                        dataclasses.replace(res.stats, tokens_per_expert=res.stats.tokens_per_expert.cpu()))
+        gx, grads = gx.cpu(), {n: g.cpu() for n, g in grads.items()}
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == F64 else dict(rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(res.out.double(), ref.out, **tol)
     torch.testing.assert_close(res.aux_loss.double(), ref.aux_loss, **tol)
@@ -390,14 +397,15 @@ def test_decode_path_not_taken_with_capacity_or_grad():
 
 
 # ---------------------------------------------------------------------------------------------- compiled
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case,mode", [("generic", "dropless"), ("empty", "cap-position"), ("T1", "dropless"),
                                        ("bias-clamped", "cap-reroute")])
-def test_compiled_backend_matches_reference(fresh_dynamo, case, mode):
+def test_compiled_backend_matches_reference(fresh_dynamo, case, mode, device):
     shape, kw, bias = CASES[case]
     layer64 = _layer("loop", router_bias=bias, **kw, **MODES[mode])
     layer = copy.deepcopy(layer64)
     layer.experts.backend = "compiled"
-    _check(layer64, layer, shape)
+    _check(layer64, layer, shape, device=device)
 
 
 def test_compiled_backend_does_not_recompile_when_routing_changes(fresh_dynamo):
@@ -619,13 +627,15 @@ def _kernels():
     return moe_mod._COMBINE, moe_mod._COMBINE_BACKWARD, dispatch_mod._SUM_ROWS
 
 
+@pytest.mark.parametrize("top_k", [2, 5])
 @pytest.mark.parametrize("dtype", ["float64", "bf16"])
 @pytest.mark.parametrize("mode", ["dropless", "cap-position"])
-def test_combine_and_row_sum_kernels_match_eager_ops(monkeypatch, dtype, mode):
+def test_combine_and_row_sum_kernels_match_eager_ops(monkeypatch, dtype, mode, top_k):
     """The training path's compiled kernels (combine forward and backward, the gather's row sums) build, run,
     and give what the eager ops give: outputs and every gradient, in float64 (to rounding) and under bf16
-    autocast (the kernels accumulate in fp32, the eager ops in bf16: to bf16 rounding)."""
-    layer = _layer("loop", **MODES[mode])
+    autocast (the kernels accumulate in fp32, the eager ops in bf16: to bf16 rounding); top-2 and top-5 (the
+    kernels unroll their sums over k)."""
+    layer = _layer("loop", top_k=top_k, **MODES[mode])
     x, g = _x((4, 9)), _x((4, 9), seed=2)
     if dtype == "bf16":
         layer, x, g = layer.float(), x.float(), g.float()
