@@ -579,8 +579,8 @@ def main() -> None:
         torch.cuda.set_device(torch.device(DEVICE))
     try:
         import transformers  # noqa: F401
-    except ImportError:
-        print("transformers is not installed: the hf-* variants are skipped", file=sys.stderr)
+    except ImportError as e:
+        print(f"transformers cannot be imported ({e}): the hf-* variants are skipped", file=sys.stderr)
         args.hf = ""
     sections = (args.sections or ("layer" if gpu else "layer,decode,allocator")).split(",")
     if gpu and set(sections) - {"layer"}:
