@@ -187,7 +187,8 @@ class _AutoCompile:
     the experts as one opaque op, inductor fusing the router, dispatch plan, gather, combine and statistics
     around it). Measured on preset small (d=192, E=8, F=256, bf16 autocast, AMD EPYC without AMX), training
     tokens/s against the dense twin, interleaved in one process: 0.90-0.93 compiled against 0.87-0.90 eager in
-    five of six runs (benchmarks/RESULTS.md, "What changed", item 9); the first training step pays the
+    five of six runs of one session, 0.85-0.88 against 0.84-0.87 in another (benchmarks/RESULTS.md, "What changed",
+    item 9, and the targets); the first training step pays the
     compilation (5-6 s with inductor's on-disk cache warm, ~16 s cold). Inference (eval, generation) keeps the eager
     paths and the decode kernel, and calls below ``min_flops`` (the tests' toy layers) stay eager: compiling costs
     more than they run. If compilation fails (no C++ compiler, an unsupported op) it warns once and every layer
