@@ -642,11 +642,11 @@ def _experts_forward(x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI:
     a_AF = x_AD.new_empty(A, Fw) if keep else _SCRATCH.get("a", (A, Fw), dt, dev)
     s_AF = x_AD.new_empty(A, Fw) if keep and act.name == "swiglu" else None
     if seg.spans is None:  # grouped
-        h_AI = F.grouped_mm(x_AD, w_in_EID.transpose(1, 2), offs=seg.offs_E)
+        h_AI = _grouped_mm(x_AD, w_in_EID.transpose(1, 2), offs=seg.offs_E)
         if b_in_EI is not None:
             h_AI += b_in_EI.index_select(0, seg.expert_idx_A)
         act.forward_into(h_AI, a_AF, s_AF)
-        y_AD = F.grouped_mm(a_AF, w_out_EDF.transpose(1, 2), offs=seg.offs_E)
+        y_AD = _grouped_mm(a_AF, w_out_EDF.transpose(1, 2), offs=seg.offs_E)
         if b_out_ED is not None:
             y_AD += b_out_ED.index_select(0, seg.expert_idx_A)
         return y_AD, h_AI, a_AF, s_AF
@@ -687,11 +687,11 @@ def _experts_backward(dy_AD: Tensor, x_AD: Tensor, w_in_EID: Tensor, w_out_EDF: 
     dev, dt = dy_AD.device, dy_AD.dtype
     dh_AI = _SCRATCH.get("dh", tuple(h_AI.shape), dt, dev)
     if seg.spans is None:  # grouped
-        dA_AF = F.grouped_mm(dy_AD, w_out_EDF, offs=seg.offs_E)
-        dw_out = F.grouped_mm(dy_AD.t(), a_AF, offs=seg.offs_E) if needs[2] else None  # zeros for empty experts
+        dA_AF = _grouped_mm(dy_AD, w_out_EDF, offs=seg.offs_E)
+        dw_out = _grouped_mm(dy_AD.t(), a_AF, offs=seg.offs_E) if needs[2] else None  # zeros for empty experts
         act.backward_into(dA_AF, h_AI, s_AF, dh_AI)
-        dx = F.grouped_mm(dh_AI, w_in_EID, offs=seg.offs_E) if needs[0] else None
-        dw_in = F.grouped_mm(dh_AI.t(), x_AD, offs=seg.offs_E) if needs[1] else None
+        dx = _grouped_mm(dh_AI, w_in_EID, offs=seg.offs_E) if needs[0] else None
+        dw_in = _grouped_mm(dh_AI.t(), x_AD, offs=seg.offs_E) if needs[1] else None
         E = seg.n_experts
         db_in = dh_AI.new_zeros(E, dh_AI.shape[1]).index_add_(0, seg.expert_idx_A, dh_AI) if needs[3] else None
         db_out = dy_AD.new_zeros(E, dy_AD.shape[1]).index_add_(0, seg.expert_idx_A, dy_AD) if needs[4] else None
@@ -845,6 +845,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+# torch.nn.functional.grouped_mm (torch >= 2.10), else its private predecessor torch._grouped_mm (same signature;
+# CUDA from 2.8, the CPU from 2.9), else None: no grouped backend
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
 _LOGGED: set[tuple[str, str, torch.dtype, str]] = set()
 
@@ -854,16 +857,16 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     grouped backend uses (rows x stacked weights, and the weight gradients' transposed rows x rows)?"""
     key = (device.type, dtype)
     if key not in _GROUPED_OK:
-        ok = hasattr(F, "grouped_mm") and dtype in (torch.float32, torch.bfloat16, torch.float16)
+        ok = _grouped_mm is not None and dtype in (torch.float32, torch.bfloat16, torch.float16)
         if ok:
             try:
                 g = torch.Generator().manual_seed(0)
                 a = torch.randn(32, 16, generator=g).to(device, dtype)
                 b = torch.randn(2, 16, 16, generator=g).to(device, dtype)
                 offs = torch.tensor([16, 32], dtype=torch.int32, device=device)
-                out = F.grouped_mm(a, b.transpose(1, 2), offs=offs)
+                out = _grouped_mm(a, b.transpose(1, 2), offs=offs)
                 ref = torch.cat([a[:16] @ b[0].T, a[16:] @ b[1].T])
-                dw = F.grouped_mm(out.t(), a, offs=offs)  # [2, 16, 16]: per group out^T a, as dW = dy^T a
+                dw = _grouped_mm(out.t(), a, offs=offs)  # [2, 16, 16]: per group out^T a, as dW = dy^T a
                 dw_ref = torch.stack([out[:16].T @ a[:16], out[16:].T @ a[16:]])
                 close = functools.partial(torch.allclose, rtol=5e-2, atol=5e-2 * math.sqrt(16))
                 ok = bool(close(out.float(), ref.float())) and bool(close(dw.float(), dw_ref.float()))

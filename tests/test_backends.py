@@ -211,6 +211,27 @@ def test_explicit_grouped_in_float64_raises():
         select_backend("grouped", torch.device("cpu"), F64)
 
 
+def test_torch_without_grouped_mm_runs_the_loop(monkeypatch):
+    """A torch with neither torch.nn.functional.grouped_mm nor torch._grouped_mm: no grouped backend, auto runs the
+    loop (same result), an explicit request says why."""
+    import moekit.experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "_grouped_mm", None)
+    monkeypatch.setattr(experts_mod, "_GROUPED_OK", {})
+    cpu = torch.device("cpu")
+    assert not grouped_mm_available(cpu, F32)
+    assert select_backend("auto", cpu, F32, widths=(D, FW)) == "loop"
+    with pytest.raises(RuntimeError, match="no working grouped_mm"):
+        select_backend("grouped", cpu, F32, widths=(D, FW))
+    calls = _spy(monkeypatch)
+    layer = _layer("auto").float()
+    x = _x((5,)).float()
+    out = layer(x).out
+    assert calls == ["loop"]
+    torch.testing.assert_close(out.double(), ref_moe(x.double(), state_dict64(layer), layer.config).out,
+                               rtol=2e-5, atol=2e-5)
+
+
 def test_grouped_unaligned_widths(monkeypatch):
     """grouped_mm needs 16-byte row strides: auto falls back to loop, an explicit 'grouped' raises."""
     calls = _spy(monkeypatch)
