@@ -158,8 +158,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     res = run_training(model_config_from_args(args), train_config_from_args(args), data_spec_from_args(args),
                        run_dir=args.out, resume=args.resume, progress=not args.quiet, nproc=args.nproc)
+    first = "" if res.first_step_seconds is None else f", the first step {res.first_step_seconds:.1f}s"
     print(f"trained {res.steps} steps, {res.tokens:,} tokens in {res.train_seconds:.1f}s "
-          f"({res.tokens_per_s:,.0f} tokens/s); final validation loss {res.final_val_loss}; checkpoint in {args.out}")
+          f"({res.steady_tokens_per_s:,.0f} tokens/s after the first step{first}); "
+          f"final validation loss {res.final_val_loss}; checkpoint in {args.out}")
     return 0
 
 

@@ -113,6 +113,10 @@ class TrainResult:
     final_val_loss: float | None
     curve: list[dict[str, float]] = field(default_factory=list)  # validation points
     tokens_per_s: float = 0.0  # over the whole run's training time
+    # the first optimizer step of this call of ``train`` (it pays compilation: the compiled MoE layer, kernels) and
+    # the tokens/s of the steps after it (the steady state; tokens_per_s when the call ran one step)
+    first_step_seconds: float | None = None
+    steady_tokens_per_s: float = 0.0
     expert_load: list[list[float]] = field(default_factory=list)  # per MoE layer, fraction per expert
     imbalance_curve: list[dict[str, Any]] = field(default_factory=list)
 
@@ -291,6 +295,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
     bar = tqdm(total=tc.steps, initial=start_step, disable=not (progress and main),
                desc=model_config.name or "train", unit="step", dynamic_ncols=True)
     window_tokens, window_steps, window_t0 = 0, 0, time.perf_counter()
+    first_step_s, later_s, later_steps = None, 0.0, 0  # this call's first step; the steps after it
     try:
         for step in range(start_step, last):
             t0 = time.perf_counter()
@@ -327,7 +332,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
             tokens += tc.tokens_per_step
             window_tokens += tc.tokens_per_step
             window_steps += 1
-            elapsed += time.perf_counter() - t0
+            step_s = time.perf_counter() - t0
+            elapsed += step_s
+            if first_step_s is None:
+                first_step_s = step_s
+            else:
+                later_s, later_steps = later_s + step_s, later_steps + 1
             bar.update(1)
             done = step + 1
             if done % tc.log_every == 0 or done == last or done == 1:
@@ -360,9 +370,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
             logger.close()
     final_val = curve[-1]["val_loss"] if curve and curve[-1]["step"] == tc.steps else None
     expert_load = [(ld / ld.sum().clamp_min(1)).tolist() for ld in load_sum]
+    tokens_per_s = tokens / max(elapsed, 1e-9)
+    steady = later_steps * tc.tokens_per_step / later_s if later_steps else tokens_per_s
     return TrainResult(run_dir=run_dir, steps=last, tokens=tokens, train_seconds=elapsed, final_val_loss=final_val,
-                       curve=curve, tokens_per_s=tokens / max(elapsed, 1e-9), expert_load=expert_load,
-                       imbalance_curve=imbalance_curve)
+                       curve=curve, tokens_per_s=tokens_per_s, expert_load=expert_load,
+                       imbalance_curve=imbalance_curve, first_step_seconds=first_step_s, steady_tokens_per_s=steady)
 
 
 def run_training(model_config: ModelConfig, train_config: TrainConfig, data_spec: DataSpec, run_dir: str | Path,

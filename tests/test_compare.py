@@ -50,6 +50,11 @@ def test_compare_end_to_end(corpus, tmp_path, isolate):
             assert m.get(f) is not None, (label, f)
         assert m["tokens_trained"] == 6 * 2 * 32
         assert len(m["curve"]) == 2 and m["peak_memory_bytes"] > 0 and m["decode_ms_per_token"] > 0
+        # the first step (compilation) is reported apart; the throughput is the steady state's
+        assert 0 < m["train_first_step_seconds"] < m["train_seconds"]
+        steady = 5 * 2 * 32 / (m["train_seconds"] - m["train_first_step_seconds"])
+        assert m["train_tokens_per_s"] == pytest.approx(steady, rel=1e-6)
+        assert m["train_tokens_per_s_overall"] == pytest.approx(6 * 2 * 32 / m["train_seconds"], rel=1e-6)
     moe, dense = saved["models"]["moe"], saved["models"]["dense_active"]
     assert moe["total_params"] > dense["total_params"]
     assert abs(moe["active_params"] - dense["active_params"]) / moe["active_params"] < 0.01
@@ -57,7 +62,8 @@ def test_compare_end_to_end(corpus, tmp_path, isolate):
     assert len(moe["expert_load"]) == 2 and moe["imbalance_curve"]
     report = (out / "report.md").read_text()
     for section in ("| axis |", "total parameters", "active parameters", "forward FLOPs", "weight memory",
-                    "final validation loss", "training wall-clock", "training tokens/s", "decode latency",
+                    "final validation loss", "training wall-clock", "training tokens/s (after the first step)",
+                    "first training step", "decode latency",
                     "batched prefill", "peak memory", "## Who wins what", "## Plots", "load imbalance"):
         assert section in report, section
     assert re.search(r"\*\*final validation loss[^*]*\*\*: (MoE wins|dense .* wins|a tie)", report)

@@ -55,6 +55,31 @@ def test_loss_falls(data, tmp_path, moe):
         assert len(res.expert_load) == 2 and abs(sum(res.expert_load[0]) - 1) < 1e-5
 
 
+def test_first_step_is_reported_apart_from_the_steady_throughput(data, tmp_path, monkeypatch):
+    """A slow first step (as torch.compile's) counts in the wall-clock and the overall tokens/s, not in the
+    steady-state tokens/s."""
+    import time
+
+    from moekit.model import Transformer
+
+    forward, calls = Transformer.forward, []
+
+    def slow_first(self, *a, **k):
+        if not calls:
+            time.sleep(1.0)
+        calls.append(1)
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(Transformer, "forward", slow_first)
+    tc = tcfg(steps=4, eval_every=0)
+    res = train(tiny(True), tc, data[0], tmp_path, tokenizer=data[1], progress=False)
+    assert res.first_step_seconds >= 1.0 and res.train_seconds > res.first_step_seconds
+    later = res.train_seconds - res.first_step_seconds
+    assert res.steady_tokens_per_s == pytest.approx(3 * tc.tokens_per_step / later, rel=1e-6)
+    assert res.tokens_per_s == pytest.approx(4 * tc.tokens_per_step / res.train_seconds, rel=1e-6)
+    assert res.steady_tokens_per_s > 1.5 * res.tokens_per_s  # the 1 s first step weighs on this tiny run
+
+
 def test_resume_equals_uninterrupted(data, tmp_path):
     ds, tok, _, _ = data
     cfg = tiny(True, expert_bias=True, input_jitter_eps=0.01)  # jitter exercises the torch RNG state too
