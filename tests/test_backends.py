@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from devices import DEVICES, needs_cuda
+from devices import DEVICES, needs_cuda, on_cpu
 from reference import ref_moe, state_dict64
 
 from moekit.config import MoEConfig
@@ -81,13 +81,6 @@ def _run(layer: MoE, x: torch.Tensor, g: torch.Tensor):
     return res, x.grad, grads
 
 
-def _on_cpu(res):
-    """A MoEOutput with every tensor on the CPU, where the reference is."""
-    stats = {f.name: getattr(res.stats, f.name).cpu() for f in dataclasses.fields(res.stats)}
-    return dataclasses.replace(res, out=res.out.cpu(), aux_loss=res.aux_loss.cpu(), z_loss=res.z_loss.cpu(),
-                               stats=dataclasses.replace(res.stats, **stats))
-
-
 def _ref_objective(x, sd, cfg, g) -> float:
     r = ref_moe(x, sd, cfg)
     return float((r.out * g).sum() + r.aux_loss + r.z_loss)
@@ -115,7 +108,7 @@ def test_backend_matches_reference(backend, mode, case, device):
     layer = copy.deepcopy(layer64).to(dev, dtype)
     layer.experts.backend = backend
     res, gx, grads = _run(layer, x64.to(dev, dtype), g64.to(dev, dtype))
-    res, gx, grads = _on_cpu(res), gx.cpu(), {n: g.cpu() for n, g in grads.items()}
+    res, gx, grads = on_cpu(res), gx.cpu(), {n: g.cpu() for n, g in grads.items()}
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == F64 else dict(rtol=2e-5, atol=2e-5)
 
     # forward

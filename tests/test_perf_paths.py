@@ -12,12 +12,11 @@ and every gradient against the float64 plain-autograd experts (``ffn`` per exper
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
 import torch
-from devices import DEVICES
+from devices import DEVICES, on_cpu
 from reference import ref_moe, state_dict64
 
 import moekit.experts as experts_mod
@@ -25,7 +24,7 @@ import moekit.moe as moe_mod
 from moekit.compiled import InductorFn
 from moekit.config import MoEConfig
 from moekit.experts import _SCRATCH, ffn, release_scratch, select_backend
-from moekit.moe import MoE, MoEOutput
+from moekit.moe import MoE
 
 F64, F32 = torch.float64, torch.float32
 D, E, K, FW = 8, 6, 2, 4
@@ -105,10 +104,7 @@ def _check(layer64: MoE, layer: MoE, shape, dtype=F64, device: str = "cpu"):
     x64, g64 = _x(shape, dim=layer64.dim), _x(shape, seed=2, dim=layer64.dim)
     ref = ref_moe(x64, state_dict64(layer64), layer64.config)
     res, gx, grads = _run(layer.to(device), x64.to(device, dtype), g64.to(device, dtype))
-    if device != "cpu":
-        res = MoEOutput(res.out.cpu(), res.aux_loss.cpu(), res.z_loss.cpu(),
-                        dataclasses.replace(res.stats, tokens_per_expert=res.stats.tokens_per_expert.cpu()))
-        gx, grads = gx.cpu(), {n: g.cpu() for n, g in grads.items()}
+    res, gx, grads = on_cpu(res), gx.cpu(), {n: g.cpu() for n, g in grads.items()}
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == F64 else dict(rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(res.out.double(), ref.out, **tol)
     torch.testing.assert_close(res.aux_loss.double(), ref.aux_loss, **tol)
