@@ -20,7 +20,7 @@ AXES: list[tuple[str, str, Any, str | None]] = [
     ("final_val_loss", "final validation loss (nats/token)", lambda v: f"{v:.4f}", "low"),
     ("train_seconds", "training wall-clock (s)", lambda v: f"{v:.1f}", "low"),
     ("train_tokens_per_s", "training tokens/s (after the first step)", lambda v: f"{v:,.0f}", "high"),
-    ("train_first_step_seconds", "first training step (s; compiles)", lambda v: f"{v:.1f}", "low"),
+    ("train_first_step_seconds", "first training step (s: compilation, warm-up)", lambda v: f"{v:.1f}", "low"),
     ("decode_ms_per_token", "decode latency, batch 1 (ms/token)", lambda v: f"{v:.2f}", "low"),
     ("prefill_tokens_per_s", "batched prefill (tokens/s)", lambda v: f"{v:,.0f}", "high"),
     ("peak_memory_bytes", "peak memory", format_bytes, "low"),
