@@ -551,7 +551,7 @@ def main() -> None:
                                       "auto,loop-serial,grouped,padded,compiled; on a GPU without loop-serial)")
     p.add_argument("--hf", default="eager,grouped_mm,batched_mm",
                    help="transformers experts implementations (comma list; '' skips them)")
-    p.add_argument("--hf-mem-gib", type=float, default=2.0,
+    p.add_argument("--hf-mem-gib", type=float,
                    help="skip batched_mm above this weight-copy size (default 2; on a GPU, a quarter of its memory)")
     p.add_argument("--rounds", type=int, help="timed rounds per case (default 7; decode 15)")
     p.add_argument("--allocator-tokens", type=int, help="T of the allocator comparison (default 16384)")
@@ -598,8 +598,8 @@ def main() -> None:
     if gpu and "loop-serial" in backends:
         raise SystemExit("--backends: loop-serial is the CPU loop without the expert threads; use loop on a GPU")
     hf_mem_gib = args.hf_mem_gib
-    if gpu and "--hf-mem-gib" not in " ".join(sys.argv):
-        hf_mem_gib = torch.cuda.get_device_properties(torch.device(DEVICE)).total_memory / 4 / 2**30
+    if hf_mem_gib is None:
+        hf_mem_gib = torch.cuda.get_device_properties(torch.device(DEVICE)).total_memory / 4 / 2**30 if gpu else 2.0
     hf_impls = [h for h in args.hf.split(",") if h]
     if hf_impls:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS

@@ -188,11 +188,11 @@ class _AutoCompile:
     around it). Measured on preset small (d=192, E=8, F=256, bf16 autocast, AMD EPYC without AMX), training
     tokens/s against the dense twin, interleaved in one process: 0.90-0.93 compiled against 0.87-0.90 eager in
     five of six runs of one session, 0.85-0.88 against 0.84-0.87 in another (benchmarks/RESULTS.md, "What changed",
-    item 9, and the targets); the first training step pays the
-    compilation (5-6 s with inductor's on-disk cache warm, ~16 s cold). Inference (eval, generation) keeps the eager
-    paths and the decode kernel, and calls below ``min_flops`` (the tests' toy layers) stay eager: compiling costs
-    more than they run. If compilation fails (no C++ compiler, an unsupported op) it warns once and every layer
-    trains eagerly from then on; ``MOEKIT_KERNELS=eager`` keeps training eager from the start."""
+    item 9, and the targets); the first training step pays the compilation (5-6 s with inductor's on-disk cache
+    warm, ~16 s cold). Inference (eval, generation) keeps the eager paths and the decode kernel, and calls below
+    ``min_flops`` (the tests' toy layers) stay eager: compiling costs more than they run. If compilation fails (no
+    C++ compiler, an unsupported op) it warns once and every layer trains eagerly from then on;
+    ``MOEKIT_KERNELS=eager`` keeps training eager from the start."""
 
     min_flops = 1e9  # SwiGLU FLOPs of the call (6 * rows * dim * ffn): preset small's training calls are 2.4e9
 
@@ -246,11 +246,14 @@ def _combine_kernel(y_AD: Tensor, weight_A: Tensor, inverse_A: Tensor, K: int) -
     against the adds' vectors along D; benchmarks/RESULTS.md "What changed", item 10)."""
     idx_TK = inverse_A.view(-1, K)
     acc = accumulate_dtype(y_AD, weight_A)
-    out_TD = None
-    for k in range(K):
+
+    def term_TD(k: int) -> Tensor:
         rows_T = idx_TK[:, k]
-        term_TD = y_AD[rows_T].to(acc) * weight_A[rows_T].to(acc).unsqueeze(-1)
-        out_TD = term_TD if out_TD is None else out_TD + term_TD
+        return y_AD[rows_T].to(acc) * weight_A[rows_T].to(acc).unsqueeze(-1)
+
+    out_TD = term_TD(0)
+    for k in range(1, K):
+        out_TD = out_TD + term_TD(k)
     return out_TD.to(y_AD.dtype)
 
 
