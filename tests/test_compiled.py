@@ -39,6 +39,28 @@ def test_one_build_serves_every_size_and_sizes_of_one_build_again():
     assert len(fn._compiled) == 3
 
 
+def _pair_sums(v_AD: torch.Tensor, inverse_A: torch.Tensor, K: int) -> torch.Tensor:
+    """out_t = sum of the K rows of token t, as moekit's row-sum and combine kernels: T = A // K is derived from
+    an input's size, so the signature (which sees A) cannot tell T = 1 from T = 3."""
+    idx_TK = inverse_A.view(-1, K)
+    out_TD = v_AD[idx_TK[:, 0]]
+    for k in range(1, K):
+        out_TD = out_TD + v_AD[idx_TK[:, k]]
+    return out_TD
+
+
+@pytest.mark.parametrize("first_T", [1, 3])
+def test_what_a_trace_assumed_about_derived_sizes_is_checked_on_every_layout(first_T):
+    """Traced at T = 1 the kernel holds only for T = 1 (the trace's shape guards say so): other T get a kernel of
+    their own under the same signature, and each size gives the eager function's answer whichever came first."""
+    fn = InductorFn(_pair_sums, "test pair sums")
+    g = torch.Generator().manual_seed(0)
+    for T in (first_T, 4 - first_T, 8, 1):
+        v, inv = torch.randn(2 * T, 5, generator=g, dtype=torch.float64), torch.randperm(2 * T, generator=g)
+        torch.testing.assert_close(fn((v, inv), (2,)), _pair_sums(v, inv, 2), rtol=0, atol=0)
+    assert len(fn._compiled) == 1 and len(next(iter(fn._compiled.values()))) == 2
+
+
 def test_none_arguments_dtypes_and_layouts_make_their_own_signatures():
     fn = InductorFn(_affine, "test affine")
     x, w, _ = _args(4, 8, 6, bias=False)
@@ -92,8 +114,8 @@ def test_eager_environment_variable(monkeypatch):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_wrong_shapes_are_refused_by_the_compiled_code(seed):
-    """The compiled code checks sizes against the traced symbols: inputs that break a traced relation
-    (here x's D against w's D) raise instead of reading out of bounds."""
+    """Inputs that break a traced relation (here x's D against w's D) fail the kernel's shape guards, and the
+    trace of their own raises as the eager function would, instead of reading out of bounds."""
     fn = InductorFn(_affine, "test affine")
     x, w, b = _args(3, 8, 4, seed=seed)
     fn((x, w, b), (1.0,))
