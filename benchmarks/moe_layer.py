@@ -132,8 +132,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from moekit.host import probe_host
+
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "gpu": gpu, "cpus": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu, "host": probe_host().to_dict(), "gpu": gpu, "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
             "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV},

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """End to end: training and decode tokens/s of an MoE model against its dense-active twin.
 
-    python3 benchmarks/train_throughput.py            # preset "small", batch 16 x 256 tokens, bf16 autocast
+    python3 benchmarks/train_throughput.py            # preset "small", batch 16 x 256 tokens, dtype auto
+    python3 benchmarks/train_throughput.py --dtypes auto,fp32,bf16   # is auto's choice the faster one here?
     python3 benchmarks/train_throughput.py --quick    # smoke run: 2 rounds, short decode
     python3 benchmarks/train_throughput.py --eager    # also the MoE model with its eager layer (backend="loop")
     python3 benchmarks/train_throughput.py --compiled # also the MoE model with backend="compiled"
@@ -12,7 +13,8 @@ Writes ``benchmarks/results/train_throughput.json`` and prints the tables.
 Models: ``moekit.presets.get_preset(preset)`` and ``moekit.costs.dense_twin(cfg, "active")``, the dense
 model with the MoE model's ACTIVE parameter count (same attention, one FFN per layer of the matching
 width). Training step = the trainer's step (``moekit.train``): lr set, forward with targets under
-bf16 autocast, ``loss.backward()``, one host read of the losses, grad clipping, AdamW (the trainer's
+autocast in the dtype (``--dtypes``; ``auto`` resolves as the trainer does, ``moekit.host``),
+``loss.backward()``, one host read of the losses, grad clipping, AdamW (the trainer's
 ``make_optimizer``), ``zero_grad(set_to_none=True)``, the router-bias update. Data: a pool of batches
 sampled before timing from the built-in standard-library corpus (``--data``; the data pipeline is not what
 is measured), the same batches in the same order for every model. Real text matters: on random token ids
@@ -121,6 +123,9 @@ def main() -> None:
     p.add_argument("--eager", action="store_true",
                    help="add the MoE model with backend='loop': the eager layer that 'auto' trains through "
                         "torch.compile on the CPU (moekit.moe._AutoCompile)")
+    p.add_argument("--dtypes", default="auto",
+                   help="comma-separated training dtypes, each model timed in each (auto, fp32, bf16; default auto); "
+                        "with several, the table says whether auto's choice is the faster on this host")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = p.parse_args()
@@ -131,6 +136,7 @@ def main() -> None:
     from moekit.costs import costs, dense_twin
     from moekit.experts import select_backend
     from moekit.generate import sample_tokens
+    from moekit.host import check_dtype, probe_host, resolve_dtype
     from moekit.model import Transformer
     from moekit.presets import get_preset
     from moekit.train import TrainConfig
@@ -145,32 +151,45 @@ def main() -> None:
     else:
         cfg = get_preset(args.preset)
     twin = dense_twin(cfg, "active")
-    tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, steps=10**6, warmup_steps=10)
+    dtypes = [check_dtype(d.strip(), "--dtypes") for d in args.dtypes.split(",") if d.strip()]
+    tcs = {d: TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, steps=10**6, warmup_steps=10, dtype=d)
+           for d in dtypes}
+    tc = tcs[dtypes[0]]
+    resolved = {d: resolve_dtype(d, "cpu") for d in dtypes}
     configs = {"moe": cfg, "dense-active": twin}
     if args.compiled:
         configs["moe-compiled"] = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, backend="compiled"))
     if args.eager:
         configs["moe-eager"] = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, backend="loop"))
     batches = sample_batches(args.data, cfg.vocab_size, tc.batch_size, tc.seq_len, n=32)
-    models, steps, imbalance = {}, {}, {n: [] for n in configs}
-    for name, c in configs.items():
-        torch.manual_seed(0)
-        models[name] = Transformer(c).train()
-        steps[name] = make_step(models[name], tc, batches, imbalance[name])
+
+    def key(name: str, d: str) -> str:  # "moe", or "moe@fp32" when several dtypes are timed
+        return name if len(dtypes) == 1 else f"{name}@{d}"
+
+    models, steps, imbalance = {}, {}, {key(n, d): [] for n in configs for d in dtypes}
+    for d in dtypes:
+        for name, c in configs.items():
+            torch.manual_seed(0)
+            k = key(name, d)
+            models[k] = Transformer(c).train()
+            steps[k] = make_step(models[k], tcs[d], batches, imbalance[k])
     info = {n: {"params": costs(c).total_params, "active_params": costs(c).active_params, "ffn_dim": c.ffn_dim}
             for n, c in configs.items()}
     T = tc.batch_size * tc.seq_len
-    auto = select_backend("auto", torch.device("cpu"), torch.bfloat16,
+    compute = torch.bfloat16 if resolved[dtypes[0]] == "bf16" else torch.float32
+    auto = select_backend("auto", torch.device("cpu"), compute,
                           widths=(cfg.dim, cfg.moe.expert_ffn_dim or cfg.ffn_dim), rows=T * cfg.moe.top_k)
     from moekit.moe import _AUTO_COMPILE
 
-    if cfg.moe.backend == "auto" and _AUTO_COMPILE.applies(torch.device("cpu"), torch.bfloat16, cfg.dim,
+    if cfg.moe.backend == "auto" and _AUTO_COMPILE.applies(torch.device("cpu"), compute, cfg.dim,
                                                             cfg.moe.expert_ffn_dim or cfg.ffn_dim, T * cfg.moe.top_k):
         auto += ", training through torch.compile"
     print(f"train throughput: preset {args.preset} ({info['moe']['active_params'] / 1e6:.2f}M active of "
           f"{info['moe']['params'] / 1e6:.2f}M) vs dense twin ffn_dim={twin.ffn_dim} "
-          f"({info['dense-active']['params'] / 1e6:.2f}M); {T} tokens/step, bf16 autocast; "
-          f"experts backend auto -> {auto}; {torch.get_num_threads()} threads")
+          f"({info['dense-active']['params'] / 1e6:.2f}M); {T} tokens/step; dtypes "
+          + ", ".join(f"{d} -> {resolved[d]}" for d in dtypes)
+          + f"; experts backend auto ({dtypes[0]}) -> {auto}; {torch.get_num_threads()} threads\n"
+          f"host: {probe_host().describe()}")
 
     first_step_s = {}  # the first training step of each model (the compiled layer compiles there)
     for name, step_fn in steps.items():
@@ -191,18 +210,28 @@ def main() -> None:
     tok_s = {n: [args.steps * T / t for t in v] for n, v in times.items()}
     train = {"tokens_per_step": T, "steps_per_sample": args.steps, "rounds": rounds, "load_before": load0,
              "load_after": load_now(), "tokens_per_s": {n: statistics.median(v) for n, v in tok_s.items()},
-             "ratio_to_dense": {n: statistics.median(a / b for a, b in zip(tok_s[n], tok_s["dense-active"]))
-                                for n in tok_s},
+             "ratio_to_dense": {key(n, d): statistics.median(a / b for a, b in zip(tok_s[key(n, d)],
+                                                                                       tok_s[key("dense-active", d)]))
+                                for n in configs for d in dtypes},
+             "dtypes": dtypes, "resolved_dtypes": resolved,
              "samples_tokens_per_s": tok_s, "first_step_s": first_step_s, "data": args.data,
              "load_imbalance_per_layer": {n: [statistics.median(col) for col in zip(*v)] for n, v in imbalance.items()
                                           if v}}
     print(f"\ntraining ({rounds} rounds x {args.steps} steps; load {load0['loadavg_1m']} -> "
           f"{train['load_after']['loadavg_1m']})")
-    print(f"  {'model':14s} {'tokens/s':>10s} {'/dense-active':>14s}")
+    print(f"  {'model':18s} {'tokens/s':>10s} {'/dense-active':>14s}")
     for n, v in train["tokens_per_s"].items():
-        print(f"  {n:14s} {v:10.0f} {train['ratio_to_dense'][n]:14.3f}")
+        print(f"  {n:18s} {v:10.0f} {train['ratio_to_dense'][n]:14.3f}")
     print("  first training step (compiles the layer and the kernels where they run): "
           + ", ".join(f"{n} {t:.1f} s" for n, t in first_step_s.items()))
+    if "auto" in dtypes and len(set(resolved.values())) > 1:
+        # is auto's choice the faster dtype on this host? (issue 24: >= 0.95x the faster of fp32 and bf16)
+        train["auto_to_best"] = {}
+        print(f"  dtype auto -> {resolved['auto']} here; auto's tokens/s / the fastest dtype's:")
+        for n in configs:
+            best = max(train["tokens_per_s"][key(n, d)] for d in dtypes)
+            train["auto_to_best"][n] = train["tokens_per_s"][key(n, "auto")] / best
+            print(f"  {n:18s} {train['auto_to_best'][n]:.3f}")
     worst = cfg.moe.n_experts / cfg.moe.top_k
     for n, v in train["load_imbalance_per_layer"].items():
         per_layer = ", ".join(f"{x:.2f}" for x in v)
@@ -212,7 +241,7 @@ def main() -> None:
     decode = {}
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(5)).tolist()
     for wdtype in ("fp32", "bf16"):
-        dmodels = {n: copy.deepcopy(m).eval() for n, m in models.items() if n != "moe-compiled"}
+        dmodels = {n: copy.deepcopy(models[key(n, dtypes[0])]).eval() for n in configs if n != "moe-compiled"}
         if wdtype == "bf16":
             dmodels = {n: m.to(torch.bfloat16) for n, m in dmodels.items()}
 

@@ -321,7 +321,8 @@ def load_into(model: torch.nn.Module, state: dict[str, Tensor], where: str) -> t
 
 def load_pretrained_moekit(path: str | os.PathLike[str], dtype: torch.dtype | None = None,
                            device: str | torch.device | None = None) -> torch.nn.Module:
-    """Load a moekit-format checkpoint directory (see the module docstring)."""
+    """Load a moekit-format checkpoint directory (see the module docstring) in its stored dtypes, or cast to
+    ``dtype``; ``moekit.from_pretrained`` picks the dtype for the host."""
     path = Path(path)
     raw = read_config_json(path)
     try:

@@ -20,6 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# moekit.host.DTYPE_CHOICES, spelled out: importing moekit.host loads torch, which must wait for the allocator
+# re-exec below (a test checks that the two agree)
+DTYPE_CHOICES = ("auto", "bf16", "fp32")
+
 # glibc returns large freed blocks to the OS and re-faults them on the next step; keeping them
 # (no mmap for big blocks, no trimming) is measurably faster for training loops (benchmarks/moe_layer.py).
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -118,13 +122,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     g.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warmup steps (default 30)")
     g.add_argument("--router-lr-scale", dest="router_lr_scale", type=float, help="router lr multiplier (default 1)")
-    g.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype (default bf16)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES,
+                   help="autocast dtype: auto (default: bf16 where the host computes it natively, else fp32), bf16, "
+                        "fp32")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--eval-every", dest="eval_every", type=int, help="validate every N steps (default 50)")
     g.add_argument("--eval-batches", dest="eval_batches", type=int, help="validation batches (default 16)")
     g.add_argument("--log-every", dest="log_every", type=int, help="log metrics every N steps (default 10)")
     g.add_argument("--save-every", dest="save_every", type=int, help="checkpoint every N steps (default: end only)")
+
+
+def _add_inference_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype: auto (default: the checkpoint's, but fp32 for a 16-bit one on a CPU "
+                        "without native bf16), bf16, fp32")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -169,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moekit.evaluation import generate_text
 
     for piece in generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed, dtype=args.dtype):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -181,7 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     res = eval_checkpoint(args.checkpoint, corpus=args.corpus, val_path=args.val, text_field=args.text_field,
                           batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches,
-                          cache_dir=args.cache_dir)
+                          cache_dir=args.cache_dir, dtype=args.dtype)
     print(json.dumps(res, indent=2) if args.json else
           f"val loss {res['val_loss']:.4f} nats/token, perplexity {res['perplexity']:.2f}, "
           f"{res['bits_per_byte']:.4f} bits/byte over {res['tokens']:,} tokens")
@@ -289,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
     p.add_argument("--top-k", dest="top_k", type=int, default=50, help="sample among the k most likely (default 50)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    _add_inference_dtype_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint",
@@ -302,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", dest="max_batches", type=int, default=None, help="limit the batches (default all)")
     p.add_argument("--cache-dir", dest="cache_dir", help="token cache directory")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_inference_dtype_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("costs", help="parameters, FLOPs/token, memory of a preset, config or checkpoint",

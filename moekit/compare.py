@@ -16,12 +16,14 @@ import dataclasses
 import json
 import multiprocessing as mp
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moekit import host
 from moekit.config import ModelConfig
 from moekit.costs import costs, dense_twin
 from moekit.model import KVCache, Transformer
@@ -98,7 +100,7 @@ def run_one(label: str, cfg_dict: dict[str, Any], tc_dict: dict[str, Any], spec_
         torch.cuda.reset_peak_memory_stats()
     baseline = _rss_bytes("VmRSS")
     _peak_rss_reset()
-    res = train(cfg, tc, data, run_dir, tokenizer=tokenizer, progress=progress)
+    res = train(cfg, tc, data, run_dir, tokenizer=tokenizer, progress=progress, announce=False)
     from moekit.checkpoint import latest_checkpoint, read_model
 
     model = read_model(latest_checkpoint(run_dir)).to(device)
@@ -175,6 +177,12 @@ def compare(model_config: ModelConfig, train_config: TrainConfig | None = None, 
 
         require_matplotlib()
     tc = train_config or TrainConfig()
+    device = resolve_device(tc.device)
+    requested = tc.dtype
+    # resolved once here, so every model trains in the same dtype (moekit.host: bf16 where it is native)
+    tc = dataclasses.replace(tc, dtype=host.resolve_dtype(tc.dtype, device))
+    if progress:
+        print(f"moekit compare: {host.header(requested, tc.dtype, device)}", file=sys.stderr, flush=True)
     spec = data or DataSpec()
     name = name or model_config.name or "compare"
     out = Path(runs_dir) / name
@@ -189,8 +197,7 @@ def compare(model_config: ModelConfig, train_config: TrainConfig | None = None, 
     results: dict[str, Any] = {
         "name": name,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "device": str(resolve_device(tc.device)),
-        "torch": torch.__version__,
+        **host.record(requested, tc.dtype, device),
         "threads": torch.get_num_threads(),
         "isolated": isolate,
         "data": dataclasses.asdict(spec),

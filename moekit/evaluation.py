@@ -13,9 +13,10 @@ from moekit.model import Transformer
 from moekit.train import TrainConfig, evaluate, resolve_device
 
 
-def load_for_inference(path: str | Path) -> tuple[Transformer, Any, Path]:
+def load_for_inference(path: str | Path, dtype: str = "auto", device: str = "auto") -> tuple[Transformer, Any, Path]:
     """(model, tokenizer, directory) of a run directory, a training checkpoint, or a moekit or Hugging
-    Face checkpoint directory (with its tokenizer.json)."""
+    Face checkpoint directory (with its tokenizer.json), on ``device`` in the compute ``dtype``
+    (``auto``: the stored dtype where the host computes it natively, else fp32, ``moekit.host.weights_dtype``)."""
     from moekit.checkpoint import STATE_JSON, latest_checkpoint
     from moekit.hf import from_pretrained
 
@@ -25,7 +26,7 @@ def load_for_inference(path: str | Path) -> tuple[Transformer, Any, Path]:
         from moekit.checkpoint import CheckpointError
 
         raise CheckpointError(f"no such run or checkpoint directory: {p}")
-    model = from_pretrained(ckpt)
+    model = from_pretrained(ckpt, dtype=dtype, device=resolve_device(device))
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(f"{ckpt}: no tokenizer files (tokenizer.json / tokenizer_config.json) to encode text with")
@@ -33,12 +34,14 @@ def load_for_inference(path: str | Path) -> tuple[Transformer, Any, Path]:
 
 
 def generate_text(checkpoint: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: int | None = 50, seed: int | None = None, device: str = "auto") -> Iterator[str]:
-    """Yield the continuation of ``prompt`` piece by piece as it is sampled (text, not token ids)."""
+                  top_k: int | None = 50, seed: int | None = None, device: str = "auto",
+                  dtype: str = "auto") -> Iterator[str]:
+    """Yield the continuation of ``prompt`` piece by piece as it is sampled (text, not token ids).
+
+    ``dtype``: the compute dtype (``auto``: see :func:`load_for_inference`)."""
     from moekit.generate import sample_tokens
 
-    model, tok, _ = load_for_inference(checkpoint)
-    model.to(resolve_device(device))
+    model, tok, _ = load_for_inference(checkpoint, dtype=dtype, device=device)
     ids: list[int] = []
     shown = ""
     for t in sample_tokens(model, tok.encode(prompt), max_new_tokens, temperature, top_k, seed):
@@ -57,17 +60,17 @@ def generate_text(checkpoint: str | Path, prompt: str, max_new_tokens: int = 200
 def eval_checkpoint(checkpoint: str | Path, corpus: str = "stdlib", val_path: str | None = None,
                     text_field: str = "text", batch_size: int = 8, seq_len: int | None = None,
                     max_batches: int | None = None, cache_dir: str | None = None, device: str = "auto",
-                    progress: bool = True) -> dict[str, Any]:
-    """Validation loss (nats/token), perplexity and bits per byte of a checkpoint on a corpus's val split."""
+                    progress: bool = True, dtype: str = "auto") -> dict[str, Any]:
+    """Validation loss (nats/token), perplexity and bits per byte of a checkpoint on a corpus's val split,
+    computed in ``dtype`` (``auto``: see :func:`load_for_inference`)."""
     from moekit.data import prepare_data
 
-    model, tok, ckpt = load_for_inference(checkpoint)
+    model, tok, ckpt = load_for_inference(checkpoint, dtype=dtype, device=device)
     data, _ = prepare_data(corpus=corpus, tokenizer=tok, val_path=val_path, text_field=text_field,
                            cache_dir=cache_dir, progress=progress)
     seq_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
-    tc = TrainConfig(batch_size=batch_size, seq_len=seq_len, dtype="fp32")
+    tc = TrainConfig(batch_size=batch_size, seq_len=seq_len, dtype="fp32")  # no autocast: the weights' dtype
     dev = resolve_device(device)
-    model.to(dev)
     n_batches = data.num_val_batches(batch_size, seq_len)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
@@ -80,4 +83,6 @@ def eval_checkpoint(checkpoint: str | Path, corpus: str = "stdlib", val_path: st
         "bits_per_byte": data.bits_per_byte(loss, "val"),
         "tokens": n_batches * batch_size * seq_len,
         "seq_len": seq_len,
+        "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
+        "dtype_requested": dtype,
     }

@@ -50,6 +50,7 @@ from torch.autograd.function import once_differentiable
 
 from moekit.compiled import InductorFn, accumulate_dtype
 from moekit.dispatch import DispatchPlan
+from moekit.host import probe_host
 
 log = logging.getLogger("moekit")
 
@@ -877,14 +878,10 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_OK[key]
 
 
-def _cpu_has_amx() -> bool:
-    """Does this CPU have AMX tiles (oneDNN's fast bf16 GEMMs)? True when torch cannot tell (the choice it made
-    before this check existed)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else True
-    except RuntimeError:
-        return True
+def _cpu_bf16_without_amx() -> bool:
+    """Native bf16 through oneDNN's AVX-512-BF16 kernels, without AMX tiles (``moekit.host``): the host kind on
+    which grouped_mm measured faster than the threaded loop for large bf16 calls."""
+    return probe_host().kind == "AVX-512-BF16"
 
 
 def grouped_mm_aligned(dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
@@ -911,13 +908,14 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, wid
         flops = 6.0 * rows * widths[0] * widths[1] if rows is not None and len(widths) >= 2 else 0.0
         if device.type == "cpu" and flops >= 2e5:
             chosen = "loop"
-            if (dtype in _JIT_DTYPES and flops >= _ExpertThreads.min_flops and not _cpu_has_amx() and aligned
+            if (dtype in _JIT_DTYPES and flops >= _ExpertThreads.min_flops and _cpu_bf16_without_amx() and aligned
                     and grouped_mm_available(device, dtype)):
                 # bf16 without AMX (oneDNN's AVX-512 kernels), calls big enough for the expert threads: one
                 # grouped_mm per stage beat the threaded loop in 10 of 12 layer comparisons on such a host
                 # (d=512, F=1408, e.g. fwd+bwd T=4096 1.039 against 1.118 dense, T=16384 1.015 against 1.072;
                 # benchmarks/RESULTS.md); with AMX, and for smaller calls (preset small: 0.83 against 0.88 of
-                # the dense twin's training tokens/s), the loop wins
+                # the dense twin's training tokens/s), the loop wins; where bf16 is emulated (AVX2) it was not
+                # measured faster, and auto trains in fp32 there
                 chosen = "grouped"
         else:
             chosen = "grouped" if aligned and grouped_mm_available(device, dtype) else "loop"

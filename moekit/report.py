@@ -73,6 +73,17 @@ def _verdicts(models: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _dtype_line(results: dict[str, Any]) -> str:
+    """The compute dtype, how it was chosen, and the host it was chosen for (older results have no host)."""
+    dtype = results.get("dtype", results["train_config"].get("dtype", "?"))
+    how = " (auto)" if results.get("dtype_requested") == "auto" else ""
+    h = results.get("host")
+    if not h:
+        return f"dtype {dtype}{how}"
+    bf16 = "native bf16" if h.get("native_bf16") else "no native bf16"
+    return f"dtype {dtype}{how}; host {h['cpu_model']}, {h['kind']} (ATen {h['cpu_capability']}, {bf16})"
+
+
 def write_report(results: dict[str, Any], out: Path, plots: bool = True) -> Path:
     models: dict[str, dict[str, Any]] = results["models"]
     names = list(models)
@@ -84,7 +95,7 @@ def write_report(results: dict[str, Any], out: Path, plots: bool = True) -> Path
         f"Data: `{results['data']['corpus']}` ({results['data']['tokenizer']} tokenizer, vocab "
         f"{results['tokenizer_vocab_size']}); {tc['steps']} steps of {tc['batch_size']}x{tc['seq_len']} tokens"
         f" x{tc['grad_accum']} accumulation; lr {tc['lr']}; seed {tc['seed']}; device {results['device']}, "
-        f"{results['threads']} threads, torch {results['torch']}. "
+        f"{results['threads']} threads, torch {results['torch']}; {_dtype_line(results)}. "
         + ("Every model was trained and measured in its own fresh process, on the same data order."
            if results.get("isolated") else "All models were trained in one process, on the same data order."),
         "",

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from moekit import host
 from moekit.checkpoint import load_checkpoint, save_checkpoint
 from moekit.config import ModelConfig
+from moekit.host import check_dtype
 from moekit.model import Transformer
 from moekit.parallel import (
     ParallelContext,
@@ -75,7 +78,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     router_lr_scale: float = 1.0  # router learning rate = lr * router_lr_scale
-    dtype: str = "bf16"  # autocast dtype: "bf16" or "fp32" (no autocast)
+    dtype: str = "auto"  # autocast: "auto" (bf16 where the device computes it natively, moekit.host), "bf16", "fp32"
     device: str = "auto"
     seed: int = 0
     eval_every: int = 50
@@ -96,8 +99,7 @@ class TrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise ValueError(f"dtype: expected 'bf16' or 'fp32', got {self.dtype!r}")
+        check_dtype(self.dtype)
 
     @property
     def tokens_per_step(self) -> int:
@@ -162,7 +164,8 @@ def make_optimizer(model: Transformer, tc: TrainConfig) -> torch.optim.AdamW:
 
 
 def autocast_ctx(device: torch.device, tc: TrainConfig):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bf16")
+    """bf16 autocast when ``tc.dtype`` is, or resolves to (``auto``, ``moekit.host``), bf16 on ``device``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=host.resolve_dtype(tc.dtype, device) == "bf16")
 
 
 @torch.no_grad()
@@ -219,8 +222,12 @@ class _Logger:
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: str | Path,
           tokenizer: Any | None = None, resume: bool = False, progress: bool = True,
-          model: Transformer | None = None, stop_at: int | None = None) -> TrainResult:
+          model: Transformer | None = None, stop_at: int | None = None, announce: bool = True) -> TrainResult:
     """Train ``model_config`` on ``data`` (a ``moekit.data.TokenDataset``) and write ``run_dir``.
+
+    ``train_config.dtype`` ``auto`` resolves to bf16 where the device computes it natively, else fp32
+    (``moekit.host``); the choice and the host go into ``train_config.json`` (``dtype``, ``dtype_requested``,
+    ``host``) and, with ``progress`` and ``announce``, into one header line on stderr.
 
     With ``resume=True`` the latest checkpoint of ``run_dir`` is loaded and training continues the
     same run: same data order, RNG streams, optimizer moments and schedule. ``stop_at`` ends this
@@ -237,6 +244,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
     ctx = setup_parallel(ep=tc.ep, device=None if tc.device == "auto" else tc.device)
     device = ctx.device if ctx.world_size > 1 else resolve_device(tc.device)
     main = ctx.is_main
+    requested = tc.dtype
+    tc = dataclasses.replace(tc, dtype=host.resolve_dtype(tc.dtype, device))
+    if main and progress and announce:
+        print(f"moekit train: {host.header(requested, tc.dtype, device)}", file=sys.stderr, flush=True)
     if tc.batch_size % ctx.world_size:
         raise ValueError(f"batch_size: {tc.batch_size} sequences cannot be split evenly over {ctx.world_size} "
                          "processes")
@@ -273,7 +284,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data, run_dir: s
 
     if main:
         (run_dir / "config.json").write_text(model_config.to_json())
-        (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
+        record = {**dataclasses.asdict(tc), **host.record(requested, tc.dtype, device)}
+        (run_dir / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     logger = _Logger(run_dir, append=resume) if main else None
     n_moe = len(model.moe_layers)
     load_sum = [torch.zeros(m.config.n_experts, device=device) for m in model.moe_layers]

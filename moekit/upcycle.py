@@ -48,7 +48,7 @@ def upcycle(dense: Transformer | str | os.PathLike[str], moe_config: MoEConfig, 
     if not isinstance(dense, Transformer):
         from moekit.hf import from_pretrained
 
-        dense = from_pretrained(dense)
+        dense = from_pretrained(dense, dtype="stored")
     cfg = dense.config
     if cfg.moe is not None:
         raise ValueError("dense: the model is already MoE (config.moe is set); upcycling starts from a dense model")

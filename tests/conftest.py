@@ -4,3 +4,4 @@ thread hand-offs, and tests that spawn processes do not oversubscribe the cores)
 import torch
 
 torch.set_num_threads(1)
+

@@ -15,6 +15,7 @@ import pytest
 from moekit.cli import build_parser
 from moekit.compare import RESULT_FIELDS, compare, crossover_tokens, curve_crossover
 from moekit.config import ModelConfig, MoEConfig
+from moekit.host import probe_host
 from moekit.train import DataSpec, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,9 @@ def test_compare_end_to_end(corpus, tmp_path, isolate):
     out = tmp_path / "tiny-cmp"
     saved = json.loads((out / "results.json").read_text())
     assert saved["models"].keys() == res["models"].keys()
+    # the dtype and the host that produced the numbers (moekit.host), in results.json and the report
+    assert saved["dtype"] == "fp32" and saved["dtype_requested"] == "fp32"
+    assert saved["host"] == probe_host().to_dict() and saved["host"]["cpu_model"]
     labels = {"moe", "dense_active"} | ({"dense_total"} if not isolate else set())
     assert set(saved["models"]) == labels
     for label, m in saved["models"].items():
@@ -61,6 +65,7 @@ def test_compare_end_to_end(corpus, tmp_path, isolate):
     assert moe["config"]["moe"] is not None and dense["config"]["moe"] is None
     assert len(moe["expert_load"]) == 2 and moe["imbalance_curve"]
     report = (out / "report.md").read_text()
+    assert f"dtype fp32; host {probe_host().cpu_model}, {probe_host().kind}" in report
     for section in ("| axis |", "total parameters", "active parameters", "forward FLOPs", "weight memory",
                     "final validation loss", "training wall-clock", "training tokens/s (after the first step)",
                     "first training step", "decode latency",

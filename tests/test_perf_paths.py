@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from devices import DEVICES, on_cpu
+from hosts import fake_host
 from reference import ref_moe, state_dict64
 
 import moekit.experts as experts_mod
@@ -253,14 +254,15 @@ def test_auto_prefers_the_loop_backend_on_cpu_for_real_sizes():
         torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_bf16_large_calls_pick_grouped_only_without_amx(monkeypatch, amx):
-    """bf16 on a CPU without AMX: calls big enough for the expert threads run grouped_mm (measured faster there);
-    smaller calls, fp32, and CPUs with AMX keep the loop."""
-    monkeypatch.setattr(experts_mod, "_cpu_has_amx", lambda: amx)
+@pytest.mark.parametrize("kind", ["AMX", "AVX-512-BF16", "AVX2"])
+def test_auto_bf16_large_calls_pick_grouped_only_with_avx512_bf16_without_amx(monkeypatch, kind):
+    """bf16 on a CPU with AVX-512-BF16 but no AMX: calls big enough for the expert threads run grouped_mm
+    (measured faster there); smaller calls, fp32, CPUs with AMX and CPUs that emulate bf16 keep the loop."""
+    monkeypatch.setattr(experts_mod, "probe_host", lambda: fake_host(kind))
     cpu, BF16 = torch.device("cpu"), torch.bfloat16
     large = select_backend("auto", cpu, BF16, widths=(512, 1408), rows=8192)
-    assert large == ("loop" if amx or not experts_mod.grouped_mm_available(cpu, BF16) else "grouped")
+    grouped = kind == "AVX-512-BF16" and experts_mod.grouped_mm_available(cpu, BF16)
+    assert large == ("grouped" if grouped else "loop")
     assert select_backend("auto", cpu, BF16, widths=(192, 256), rows=8192) == "loop"  # preset small: inline
     assert select_backend("auto", cpu, F32, widths=(512, 1408), rows=8192) == "loop"
     assert select_backend("auto", cpu, BF16, widths=(512, 1404), rows=8192) == "loop"  # not 16-byte aligned

@@ -37,7 +37,7 @@ def export_hf(model: torch.nn.Module | str | os.PathLike[str], path: str | os.Pa
     mistral; MoE: mixtral, qwen3_moe, qwen2_moe, olmoe, deepseek_v3, deepseek_v2, gpt_oss). Returns ``path``.
     """
     if not isinstance(model, torch.nn.Module):
-        model = from_pretrained(model)
+        model = from_pretrained(model, dtype="stored")
     cfg = model.config
     arch = arch or infer_arch(cfg)
     dtype = model.tok_emb.weight.dtype
@@ -63,7 +63,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str = 
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"dst: must differ from src ({src})")
-    model = from_pretrained(src)
+    model = from_pretrained(src, dtype="stored")
     if to == "moekit":
         return save_pretrained(model, dst, max_shard_bytes=max_shard_bytes)
     export_hf(model, dst, arch, expert_layout, max_shard_bytes)

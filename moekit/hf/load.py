@@ -29,6 +29,7 @@ from moekit.checkpoint_io import (
 from moekit.config import ModelConfig
 from moekit.hf.config_map import hf_arch_of, hf_to_config
 from moekit.hf.weights import load_hf_state
+from moekit.host import weights_dtype
 
 # config.json keys carried over to an export of the same model (generation needs them)
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -45,19 +46,22 @@ def config_from_hf_dir(path: str | os.PathLike[str]) -> ModelConfig:
         raise CheckpointError(f"{Path(path) / 'config.json'}: not a valid moekit config ({e})") from e
 
 
-def from_pretrained(path: str | os.PathLike[str], dtype: torch.dtype | None = None,
+def from_pretrained(path: str | os.PathLike[str], dtype: torch.dtype | str | None = None,
                     device: str | torch.device | None = None, tokenizer: bool = True) -> torch.nn.Module:
     """Load the checkpoint directory ``path`` (moekit format, or Hugging Face mixtral, qwen2_moe, qwen3_moe,
     olmoe, deepseek_v2, deepseek_v3, gpt_oss, llama, qwen2, mistral) as a ``moekit.model.Transformer``.
 
-    ``dtype`` casts the floating-point weights (default: the dtype of the stored embedding; the
-    DeepSeek-V3 selection bias stays fp32); ``device`` moves the model. ``model(input_ids).logits``
-    are the logits of the source model.
+    ``dtype``: the dtype the floating-point weights are cast to (the DeepSeek-V3 selection bias stays fp32).
+    ``None`` or ``"auto"`` (the default) picks it for the host as every verb does (``moekit.host.weights_dtype``):
+    the stored dtype (that of the embedding), except that a 16-bit checkpoint computes in fp32 on a CPU without
+    native bf16 (AVX2); ``"bf16"``, ``"fp32"`` or a ``torch.dtype`` cast to it; ``"stored"`` keeps the stored
+    dtype everywhere (conversion). ``device`` moves the model. ``model(input_ids).logits`` are the logits of
+    the source model.
     """
     path = Path(path)
     raw = read_config_json(path)
     if "model_type" not in raw:
-        model = load_pretrained_moekit(path, dtype=dtype, device=device)
+        model = load_pretrained_moekit(path)
     else:
         arch = hf_arch_of(raw)
         cfg = hf_to_config(raw)
@@ -65,12 +69,13 @@ def from_pretrained(path: str | os.PathLike[str], dtype: torch.dtype | None = No
         model = build_empty(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         state = load_hf_state(cfg, arch, reader, expected)
-        target = dtype or state["tok_emb.weight"].dtype
         load_into(model, state, f"{arch} checkpoint {path}")
-        model.to(target)
-        if device is not None:
-            model.to(device)
         model.hf_token_ids = {k: raw[k] for k in TOKEN_ID_KEYS if raw.get(k) is not None}
+    stored = model.tok_emb.weight.dtype
+    target = stored if dtype == "stored" else weights_dtype(dtype, stored, device or "cpu")
+    model.to(target)
+    if device is not None:
+        model.to(device)
     if tokenizer:
         attach_tokenizer(model, path)
     return model
