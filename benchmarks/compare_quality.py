@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.cli import _tune_allocator  # noqa: E402
-from moekit.compare import _run_isolated, compare  # noqa: E402
+from moekit.compare.runner import _run_isolated, compare  # noqa: E402
 from moekit.config import ModelConfig, MoEConfig  # noqa: E402
-from moekit.train import DataSpec, TrainConfig  # noqa: E402
+from moekit.train.trainer import DataSpec, TrainConfig  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from moekit.config import MoEConfig  # noqa: E402
-from moekit.moe import MoE  # noqa: E402
+from moekit.layer.moe import MoE  # noqa: E402
 from moekit.parallel import launch, setup_parallel, shard_model  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Micro-measurements behind the execution choices in moekit/experts.py, moekit/dispatch.py and moekit/moe.py.
+"""Micro-measurements behind the execution choices of the MoE layer (moekit/layer/ and its kernels/).
 
     python3 benchmarks/micro.py            # all
     python3 benchmarks/micro.py --quick    # fewer rounds
@@ -12,10 +12,10 @@ round by round in one process, medians of per-round ratios to the first variant 
                vs a fixed one, and the bulk (multiple of 32 rows) + tail split (``_ROW_BLOCK``)
   row_gather   the backward of x_TD[token_idx_A]: autograd's index_put_ into zeros vs a gather of the K
                rows of each token and a sum (``dispatch._GatherRows``) vs index_add_
-  combine      sum_k w_tk y_tk: bmm vs K multiply-adds (``moe._weighted_sum``)
+  combine      sum_k w_tk y_tk: bmm vs K multiply-adds (``moekit.layer.kernels.rows._weighted_sum``)
   gemv         decode: one token through a [2816, 512] weight, fp32 vs bf16, linear vs mv, 1 and 2 threads
   expert_split the 8 expert up-projections of T=4096 (bf16): each GEMM split over the two cores vs the
-               experts side by side on two single-threaded workers (``experts._ExpertThreads``), and the
+               experts side by side on two single-threaded workers (``moekit.layer.kernels.threads``), and the
                equal-FLOP dense up-projection
 """
 
@@ -150,7 +150,7 @@ def gemv(rounds: int) -> dict:
 def expert_split(rounds: int) -> dict:
     import torch
 
-    from moekit.experts import _EXPERT_THREADS
+    from moekit.layer.kernels.threads import EXPERT_THREADS
 
     E, n, D, I = 8, 1024, 512, 2816
     x = torch.randn(E * n, D, dtype=torch.bfloat16)
@@ -166,7 +166,7 @@ def expert_split(rounds: int) -> dict:
             up(*span)
 
     def threads():
-        _EXPERT_THREADS.map(up, spans, float("inf"))
+        EXPERT_THREADS.map(up, spans, float("inf"))
 
     xd = torch.randn(E * n // 2, D, dtype=torch.bfloat16)  # the equal-FLOP dense up-projection: T=4096, 2 x 2816
     wd = torch.randn(2 * I, D, dtype=torch.bfloat16)

@@ -24,7 +24,7 @@ steadier than a ratio of medians. "forward" is an inference forward (``torch.no_
 is a training step of the layer: forward, ``out.backward(g)`` for a fixed random ``g``, grads set to None.
 
 Variants:
-  dense            the equal-FLOP dense work: moekit's dense SwiGLU FFN (``moekit.experts.MLP``) of width
+  dense            the equal-FLOP dense work: moekit's dense SwiGLU FFN (``moekit.layer.experts.MLP``) of width
                    k x expert_ffn on the same T tokens (same GEMM FLOPs as the experts; the MoE also routes)
   moekit           ``MoE(backend="auto")``: what a user gets (the table names the backend auto picked)
   moekit-<b>       the same layer with backend b (loop, grouped, padded, compiled), and ``loop-serial``:
@@ -148,8 +148,8 @@ def build(dtype, hf_impls: list[str], seed: int = 0):
     import torch
 
     from moekit.config import MoEConfig
-    from moekit.experts import MLP
-    from moekit.moe import MoE
+    from moekit.layer.experts import MLP
+    from moekit.layer.moe import MoE
 
     torch.manual_seed(seed)
     with torch.device(DEVICE):  # initialised where they run (a Mixtral-shaped layer is 1.4G parameters)
@@ -177,19 +177,19 @@ def build(dtype, hf_impls: list[str], seed: int = 0):
 def moekit_call(moe, backend: str, aux: bool = True):
     """A call of the moekit layer with the given experts backend ("loop-serial": loop, expert threads off);
     ``aux=False``: no balancing losses or routing statistics, as generation runs it."""
-    from moekit.experts import _EXPERT_THREADS
+    from moekit.layer.kernels.threads import EXPERT_THREADS
 
     real = "loop" if backend == "loop-serial" else backend
 
     def call(x):
         moe.experts.backend = real
-        saved = _EXPERT_THREADS.min_flops
+        saved = EXPERT_THREADS.min_flops
         if backend == "loop-serial":
-            _EXPERT_THREADS.min_flops = math.inf
+            EXPERT_THREADS.min_flops = math.inf
         try:
             return moe(x, aux=aux).out
         finally:
-            _EXPERT_THREADS.min_flops = saved
+            EXPERT_THREADS.min_flops = saved
     return call
 
 
@@ -205,7 +205,7 @@ def auto_backend(T: int, dtype) -> str:
     """The backend ``MoEConfig(backend="auto")`` runs for T tokens here."""
     import torch
 
-    from moekit.experts import select_backend
+    from moekit.layer.kernels.select import select_backend
 
     return select_backend("auto", torch.device(DEVICE), dtype, widths=(D, FFN), rows=T * K)
 
@@ -268,7 +268,7 @@ def bench_layer(T: int, dtype_name: str, modes: list[str], backends: list[str], 
     # N_INPUTS different inputs, cycled round by round (the same for all variants of a round): the routing,
     # so every expert's row count, changes from call to call as in training. The warm-up rounds go once
     # through all of them, so the timed rounds see the steady state of a training run, where per-shape
-    # caches (oneDNN's compiled bf16 GEMMs, see moekit/experts.py _ROW_BLOCK) hold every shape an
+    # caches (oneDNN's compiled bf16 GEMMs, see moekit/layer/experts.py _ROW_BLOCK) hold every shape an
     # implementation keeps producing.
     xs = [torch.randn(1, T, D, generator=gen).to(DEVICE, dtype) for _ in range(N_INPUTS)]
     x = xs[0]
@@ -493,7 +493,7 @@ def child_allocator(spec: dict) -> None:
     times = interleaved(fns, spec["steps"], warmup=2, before_round=lambda i: cur.update(x=xs[i % len(xs)]))
     # VmHWM, the peak of this process's own memory map: ru_maxrss would also count the parent's RSS at the fork
     # (Linux keeps the pre-exec high-water mark), which after the layer sections is gigabytes
-    from moekit.compare import _rss_bytes
+    from moekit.compare.runner import _rss_bytes
 
     peak = _rss_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"median_s": {n: statistics.median(v) for n, v in times.items()}, "maxrss_MiB": peak / 2**20}))

@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 from compare_quality import budget_train_config, corpus_specs, probe_model  # noqa: E402  (same directory)
 
 from moekit.cli import _tune_allocator  # noqa: E402
-from moekit.compare import _run_isolated, crossover_tokens  # noqa: E402
+from moekit.compare.runner import _run_isolated, crossover_tokens  # noqa: E402
 from moekit.config import ModelConfig, MoEConfig  # noqa: E402
-from moekit.costs import dense_twin  # noqa: E402
+from moekit.model.costs import dense_twin  # noqa: E402
 
 VARIANT = re.compile(r"e(\d+)k(\d+)f(\d+)(?:s(\d+))?(?:-aux([0-9.e-]*))?(?:-br([0-9.e-]+))?(-sig)?"
                      r"(?:-rlr([0-9.]+))?(-total)?$")

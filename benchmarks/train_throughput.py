@@ -10,9 +10,9 @@
 
 Writes ``benchmarks/results/train_throughput.json`` and prints the tables.
 
-Models: ``moekit.presets.get_preset(preset)`` and ``moekit.costs.dense_twin(cfg, "active")``, the dense
+Models: ``moekit.model.presets.get_preset(preset)`` and ``moekit.model.costs.dense_twin(cfg, "active")``, the dense
 model with the MoE model's ACTIVE parameter count (same attention, one FFN per layer of the matching
-width). Training step = the trainer's step (``moekit.train``): lr set, forward with targets under
+width). Training step = the trainer's step (``moekit.train.trainer``): lr set, forward with targets under
 autocast in the dtype (``--dtypes``; ``auto`` resolves as the trainer does, ``moekit.host``),
 ``loss.backward()``, one host read of the losses, grad clipping, AdamW (the trainer's
 ``make_optimizer``), ``zero_grad(set_to_none=True)``, the router-bias update. Data: a pool of batches
@@ -22,7 +22,7 @@ the hidden states carry no information and the router sends almost every token t
 within a few steps (load imbalance 4.0, the maximum for 8 experts top-2), which is not the routing a real run times.
 The MoE model's per-layer load imbalance (max / mean assignments per expert) over the timed steps is
 printed and written with the timings. Decode: greedy generation with the KV cache, batch 1
-(``moekit.generate.sample_tokens``), after a prefill of ``--prompt`` tokens, in the model's fp32 weights
+(``moekit.model.generate.sample_tokens``), after a prefill of ``--prompt`` tokens, in the model's fp32 weights
 (as ``moekit generate`` runs) and in bf16 weights.
 
 Method: both models (and the compiled variant) are timed in ONE process, interleaved round by round
@@ -52,11 +52,11 @@ from moe_layer import interleaved, load_now, machine, write_results  # noqa: E40
 
 
 def make_step(model, tc, batches: list, imbalance: list | None = None):
-    """One optimizer step of ``moekit.train.train`` (no accumulation, no logging, no eval) on the next of
+    """One optimizer step of ``moekit.train.trainer.train`` (no accumulation, no logging, no eval) on the next of
     ``batches`` (cycled); an MoE model appends each step's per-layer load imbalance to ``imbalance``."""
     import torch
 
-    from moekit.train import autocast_ctx, lr_at, make_optimizer
+    from moekit.train.trainer import autocast_ctx, lr_at, make_optimizer
 
     device = torch.device("cpu")
     opt = make_optimizer(model, tc)
@@ -96,7 +96,7 @@ def sample_batches(data: str, vocab: int, batch_size: int, seq_len: int, n: int)
     if data == "random":
         return [(torch.randint(0, vocab, (batch_size, seq_len), generator=gen),
                  torch.randint(0, vocab, (batch_size, seq_len), generator=gen)) for _ in range(n)]
-    from moekit.train import DataSpec
+    from moekit.train.trainer import DataSpec
 
     dataset, _ = DataSpec(corpus=data).load()
     if dataset.vocab_size > vocab:
@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--compiled", action="store_true", help="add the MoE model with backend='compiled'")
     p.add_argument("--eager", action="store_true",
                    help="add the MoE model with backend='loop': the eager layer that 'auto' trains through "
-                        "torch.compile on the CPU (moekit.moe._AutoCompile)")
+                        "torch.compile on the CPU (moekit/layer/kernels/compiled_layer.py)")
     p.add_argument("--dtypes", default="auto",
                    help="comma-separated training dtypes, each model timed in each (auto, fp32, bf16; default auto); "
                         "with several, the table says whether auto's choice is the faster on this host")
@@ -133,13 +133,13 @@ def main() -> None:
 
     import torch
 
-    from moekit.costs import costs, dense_twin
-    from moekit.experts import select_backend
-    from moekit.generate import sample_tokens
     from moekit.host import check_dtype, probe_host, resolve_dtype
-    from moekit.model import Transformer
-    from moekit.presets import get_preset
-    from moekit.train import TrainConfig
+    from moekit.layer.kernels.select import select_backend
+    from moekit.model.costs import costs, dense_twin
+    from moekit.model.generate import sample_tokens
+    from moekit.model.presets import get_preset
+    from moekit.model.transformer import Transformer
+    from moekit.train.trainer import TrainConfig
 
     rounds = args.rounds or (2 if args.quick else 7)
     n_decode = args.decode_tokens or (16 if args.quick else 64)
@@ -179,9 +179,9 @@ def main() -> None:
     compute = torch.bfloat16 if resolved[dtypes[0]] == "bf16" else torch.float32
     auto = select_backend("auto", torch.device("cpu"), compute,
                           widths=(cfg.dim, cfg.moe.expert_ffn_dim or cfg.ffn_dim), rows=T * cfg.moe.top_k)
-    from moekit.moe import _AUTO_COMPILE
+    from moekit.layer.kernels.compiled_layer import AUTO_COMPILE
 
-    if cfg.moe.backend == "auto" and _AUTO_COMPILE.applies(torch.device("cpu"), compute, cfg.dim,
+    if cfg.moe.backend == "auto" and AUTO_COMPILE.applies(torch.device("cpu"), compute, cfg.dim,
                                                             cfg.moe.expert_ffn_dim or cfg.ffn_dim, T * cfg.moe.top_k):
         auto += ", training through torch.compile"
     print(f"train throughput: preset {args.preset} ({info['moe']['active_params'] / 1e6:.2f}M active of "

@@ -1,12 +1,24 @@
-"""moekit: Mixture-of-Experts transformers and their dense twins, side by side."""
+"""moekit: Mixture-of-Experts transformers and their dense twins, side by side.
 
-from moekit.checkpoint_io import CheckpointError, save_pretrained  # noqa: I001  (after model: no cycle)
+The public API, importable from here; the subpackages, in the order their imports run (each imports only the
+ones before it):
+
+    config.py, host.py  configs (ModelConfig, MoEConfig) and the host probe / dtype resolver
+    layer/              the MoE layer: router, dispatch, experts (and their kernels), losses
+    model/              the transformer, its cost model, presets, sampling
+    formats/            model files: moekit's safetensors format, Hugging Face, tokenizers, path resolution
+    upcycling.py        dense -> MoE sparse upcycling
+    parallel/           expert + data parallelism on torch.distributed
+    train/              data, trainer, training checkpoints, evaluation
+    compare/            ``moekit compare`` and its report
+    cli.py              the command line: verbs mapped to the functions above
+"""
+
 from moekit.config import ModelConfig, MoEConfig
-from moekit.hf import convert, export_hf, from_pretrained
+from moekit.formats import CheckpointError, convert, export_hf, from_pretrained, save_pretrained
+from moekit.layer import MoE, MoEOutput, MoEStats, Router, RoutingResult
 from moekit.model import KVCache, ModelOutput, Transformer
-from moekit.moe import MoE, MoEOutput, MoEStats
-from moekit.router import Router, RoutingResult
-from moekit.upcycle import upcycle
+from moekit.upcycling import upcycle
 
 __version__ = "0.1.0"
 

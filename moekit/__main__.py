@@ -1,3 +1,5 @@
+"""``python -m moekit``: the command line (``moekit.cli``)."""
+
 import sys
 
 from moekit.cli import main

@@ -1,11 +1,11 @@
 """The ``moekit`` command line: maps verbs to the typed Python functions that do the work.
 
-    moekit compare   MoE vs its dense twins, runs/<name>/report.md     (moekit.compare.compare)
-    moekit train     train one model                                    (moekit.train.run_training)
-    moekit generate  sample from a checkpoint, streaming                (moekit.evaluation.generate_text)
-    moekit eval      validation loss, perplexity, bits per byte         (moekit.evaluation.eval_checkpoint)
-    moekit costs     parameters, FLOPs and memory of a preset, config or checkpoint      (moekit.costs.costs)
-    moekit convert   Hugging Face <-> moekit checkpoints                                 (moekit.hf.convert)
+    moekit compare   MoE vs its dense twins, runs/<name>/report.md     (moekit.compare.runner.compare)
+    moekit train     train one model                                    (moekit.train.trainer.run_training)
+    moekit generate  sample from a checkpoint, streaming                (moekit.train.evaluation.generate_text)
+    moekit eval      validation loss, perplexity, bits per byte         (moekit.train.evaluation.eval_checkpoint)
+    moekit costs     parameters, FLOPs and memory of a preset, config or checkpoint      (moekit.model.costs.costs)
+    moekit convert   Hugging Face <-> moekit checkpoints                                 (moekit.formats.hf.convert)
     moekit upcycle   a dense checkpoint into an MoE one                                  (moekit.upcycle.upcycle)
 """
 
@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -46,6 +47,28 @@ def _tune_allocator(command: list[str] | None = None) -> None:
         pass
 
 
+def _number(kind: type, ok, what: str):
+    """An argparse ``type`` that parses ``kind`` and accepts only values with ``ok(value)``; a bad value is an error
+    naming the flag (argparse adds it), the value and what was expected."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    parse.__name__ = what
+    parse.expects = what  # (tests/test_cli.py builds one bad value per flag from it)
+    return parse
+
+
+POSITIVE_INT = _number(int, lambda v: v >= 1, "an integer >= 1")
+NONNEGATIVE_INT = _number(int, lambda v: v >= 0, "an integer >= 0")
+POSITIVE_FLOAT = _number(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
+NONNEGATIVE_FLOAT = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+
+
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -55,7 +78,7 @@ def _parse_value(text: str) -> Any:
 
 def model_config_from_args(args: argparse.Namespace):
     from moekit.config import ModelConfig
-    from moekit.presets import get_preset
+    from moekit.model.presets import get_preset
 
     cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
     d = cfg.to_dict()
@@ -82,7 +105,7 @@ def model_config_from_args(args: argparse.Namespace):
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from moekit.train import TrainConfig
+    from moekit.train.trainer import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     kwargs = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -93,7 +116,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def data_spec_from_args(args: argparse.Namespace):
-    from moekit.train import DataSpec
+    from moekit.train.trainer import DataSpec
 
     return DataSpec(corpus=args.corpus, tokenizer=args.tokenizer, val_path=args.val, text_field=args.text_field,
                     cache_dir=args.cache_dir)
@@ -103,34 +126,38 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="small", help="named model config (see `moekit costs --list`); default small")
     g.add_argument("--config", help="a model config.json instead of a preset")
-    g.add_argument("--dim", type=int, help="model width")
-    g.add_argument("--n-layers", dest="n_layers", type=int, help="transformer layers")
-    g.add_argument("--ffn-dim", dest="ffn_dim", type=int, help="dense FFN width")
-    g.add_argument("--n-experts", dest="n_experts", type=int, help="routed experts per MoE layer")
-    g.add_argument("--top-k", dest="top_k", type=int, help="experts per token")
-    g.add_argument("--expert-ffn-dim", dest="expert_ffn_dim", type=int, help="width of each expert (fine-grained)")
+    g.add_argument("--dim", type=POSITIVE_INT, help="model width")
+    g.add_argument("--n-layers", dest="n_layers", type=POSITIVE_INT, help="transformer layers")
+    g.add_argument("--ffn-dim", dest="ffn_dim", type=POSITIVE_INT, help="dense FFN width")
+    g.add_argument("--n-experts", dest="n_experts", type=POSITIVE_INT, help="routed experts per MoE layer")
+    g.add_argument("--top-k", dest="top_k", type=POSITIVE_INT, help="experts per token")
+    g.add_argument("--expert-ffn-dim", dest="expert_ffn_dim", type=POSITIVE_INT,
+                   help="width of each expert (fine-grained)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any ModelConfig field, nested with dots, e.g. --set moe.capacity_factor=1.25 (repeatable)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, help="optimizer steps (default 300)")
-    g.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per micro-batch (default 16)")
-    g.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sequence (default 256)")
-    g.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per step (default 1)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
-    g.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warmup steps (default 30)")
-    g.add_argument("--router-lr-scale", dest="router_lr_scale", type=float, help="router lr multiplier (default 1)")
+    g.add_argument("--steps", type=POSITIVE_INT, help="optimizer steps (default 300)")
+    g.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT, help="sequences per micro-batch (default 16)")
+    g.add_argument("--seq-len", dest="seq_len", type=POSITIVE_INT,
+                   help="tokens per sequence (default 256, or the model's context where that is shorter)")
+    g.add_argument("--grad-accum", dest="grad_accum", type=POSITIVE_INT, help="micro-batches per step (default 1)")
+    g.add_argument("--lr", type=POSITIVE_FLOAT, help="peak learning rate (default 3e-3)")
+    g.add_argument("--warmup-steps", dest="warmup_steps", type=NONNEGATIVE_INT, help="linear warmup steps (default 30)")
+    g.add_argument("--router-lr-scale", dest="router_lr_scale", type=NONNEGATIVE_FLOAT,
+                   help="router lr multiplier (default 1)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="autocast dtype: auto (default: bf16 where the host computes it natively, else fp32), bf16, "
                         "fp32")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    g.add_argument("--seed", type=int, help="random seed (default 0)")
-    g.add_argument("--eval-every", dest="eval_every", type=int, help="validate every N steps (default 50)")
-    g.add_argument("--eval-batches", dest="eval_batches", type=int, help="validation batches (default 16)")
-    g.add_argument("--log-every", dest="log_every", type=int, help="log metrics every N steps (default 10)")
-    g.add_argument("--save-every", dest="save_every", type=int, help="checkpoint every N steps (default: end only)")
+    g.add_argument("--seed", type=NONNEGATIVE_INT, help="random seed (default 0)")
+    g.add_argument("--eval-every", dest="eval_every", type=NONNEGATIVE_INT, help="validate every N steps (default 50)")
+    g.add_argument("--eval-batches", dest="eval_batches", type=POSITIVE_INT, help="validation batches (default 16)")
+    g.add_argument("--log-every", dest="log_every", type=POSITIVE_INT, help="log metrics every N steps (default 10)")
+    g.add_argument("--save-every", dest="save_every", type=NONNEGATIVE_INT,
+                   help="checkpoint every N steps (default: end only)")
 
 
 def _add_inference_dtype_arg(p: argparse.ArgumentParser) -> None:
@@ -153,7 +180,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from moekit.compare import compare
+    from moekit.compare.runner import compare
 
     cfg = model_config_from_args(args)
     res = compare(cfg, train_config_from_args(args), data_spec_from_args(args), name=args.name,
@@ -166,7 +193,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from moekit.train import run_training
+    from moekit.train.trainer import run_training
 
     res = run_training(model_config_from_args(args), train_config_from_args(args), data_spec_from_args(args),
                        run_dir=args.out, resume=args.resume, progress=not args.quiet, nproc=args.nproc)
@@ -178,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from moekit.evaluation import generate_text
+    from moekit.train.evaluation import generate_text
 
     for piece in generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed, dtype=args.dtype):
@@ -189,7 +216,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from moekit.evaluation import eval_checkpoint
+    from moekit.train.evaluation import eval_checkpoint
 
     res = eval_checkpoint(args.checkpoint, corpus=args.corpus, val_path=args.val, text_field=args.text_field,
                           batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches,
@@ -201,8 +228,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
-    from moekit.costs import costs, format_costs
-    from moekit.presets import PRESETS
+    from moekit.model.costs import costs, format_costs
+    from moekit.model.presets import PRESETS
 
     if args.list:
         print("\n".join(PRESETS))
@@ -217,7 +244,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from moekit.hf import convert
+    from moekit.formats import convert
 
     out = convert(args.src, args.dst, to=args.to, arch=args.arch, expert_layout=args.expert_layout,
                   max_shard_bytes=args.max_shard_bytes)
@@ -227,8 +254,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
     from moekit.config import MoEConfig
-    from moekit.hf import export_hf
-    from moekit.upcycle import upcycle
+    from moekit.formats import export_hf
+    from moekit.upcycling import upcycle
 
     moe_kwargs = {"n_experts": args.n_experts, "top_k": args.top_k}
     for item in args.set or []:
@@ -250,10 +277,10 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 def _config_of_checkpoint(path: str):
     """The config of a checkpoint directory (moekit or Hugging Face) or of a config.json file."""
     from moekit.config import ModelConfig
-    from moekit.hf import config_from_hf_dir
+    from moekit.formats import config_of
 
     p = Path(path)
-    return config_from_hf_dir(p) if p.is_dir() else ModelConfig.from_json(p)
+    return ModelConfig.from_json(p) if p.is_file() and p.suffix == ".json" else config_of(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,10 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=POSITIVE_INT, default=1,
                    help="train with N local processes (torch.distributed: gloo on CPU, NCCL on GPUs); "
                         "or launch with torchrun -m moekit train")
-    p.add_argument("--ep", type=int, help="expert-parallel degree (divides --nproc and n_experts; default 1); the "
+    p.add_argument("--ep", type=POSITIVE_INT,
+                   help="expert-parallel degree (divides --nproc and n_experts; default 1); the "
                                           "other nproc/ep ways are data parallel")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -296,11 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample from a checkpoint (a run directory or a checkpoint directory).")
     p.add_argument("checkpoint", help="run or checkpoint directory")
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=200,
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=POSITIVE_INT, default=200,
                    help="tokens to sample (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", dest="top_k", type=int, default=50, help="sample among the k most likely (default 50)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=0.8,
+                   help="sampling temperature, 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", dest="top_k", type=POSITIVE_INT, default=50,
+                   help="sample among the k most likely (default 50)")
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=None, help="sampling seed")
     _add_inference_dtype_arg(p)
     p.set_defaults(func=cmd_generate)
 
@@ -310,9 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default="stdlib", help="corpus as for train (default stdlib)")
     p.add_argument("--val", help="a separate validation corpus")
     p.add_argument("--text-field", dest="text_field", default="text", help="text field of jsonl/parquet records")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="sequences per batch (default 8)")
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="tokens per sequence (default: trained)")
-    p.add_argument("--max-batches", dest="max_batches", type=int, default=None, help="limit the batches (default all)")
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT, default=8,
+                   help="sequences per batch (default 8)")
+    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE_INT, default=None,
+                   help="tokens per sequence (default: trained)")
+    p.add_argument("--max-batches", dest="max_batches", type=POSITIVE_INT, default=None,
+                   help="limit the batches (default all)")
     p.add_argument("--cache-dir", dest="cache_dir", help="token cache directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_inference_dtype_arg(p)
@@ -323,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "memory, KV cache per token, sparsity.")
     _add_model_args(p)
     p.add_argument("--checkpoint", help="a moekit or Hugging Face checkpoint directory")
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=None,
+    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE_INT, default=None,
                    help="context for the attention FLOPs (default: the model's max_seq_len)")
     p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
     p.add_argument("--list", action="store_true", help="list the presets")
@@ -339,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "that holds the model exactly)")
     p.add_argument("--expert-layout", dest="expert_layout", choices=["per_expert", "fused"], default="per_expert",
                    help="HF expert tensors: one per expert (hub layout, default) or fused 3-D")
-    p.add_argument("--max-shard-bytes", dest="max_shard_bytes", type=int, default=None,
+    p.add_argument("--max-shard-bytes", dest="max_shard_bytes", type=POSITIVE_INT, default=None,
                    help="split the safetensors into shards of at most this many bytes (with an index file)")
     p.set_defaults(func=cmd_convert)
 
@@ -350,16 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "top-k the result computes the same function as the dense model.")
     p.add_argument("src", help="dense checkpoint directory (moekit, or Hugging Face llama/qwen2/mistral)")
     p.add_argument("dst", help="destination directory")
-    p.add_argument("--n-experts", dest="n_experts", type=int, default=8, help="routed experts per layer (default 8)")
-    p.add_argument("--top-k", dest="top_k", type=int, default=2, help="experts per token (default 2)")
-    p.add_argument("--granularity", type=int, default=1,
+    p.add_argument("--n-experts", dest="n_experts", type=POSITIVE_INT, default=8,
+                   help="routed experts per layer (default 8)")
+    p.add_argument("--top-k", dest="top_k", type=POSITIVE_INT, default=2, help="experts per token (default 2)")
+    p.add_argument("--granularity", type=POSITIVE_INT, default=1,
                    help="split each FFN copy into this many fine-grained experts (default 1)")
-    p.add_argument("--noise-std", dest="noise_std", type=float, default=0.0,
+    p.add_argument("--noise-std", dest="noise_std", type=NONNEGATIVE_FLOAT, default=0.0,
                    help="relative noise added to each expert copy (default 0: exact copies)")
-    p.add_argument("--moe-every", dest="moe_every", type=int, default=1, help="MoE every N layers (default 1)")
-    p.add_argument("--first-dense-layers", dest="first_dense_layers", type=int, default=0,
+    p.add_argument("--moe-every", dest="moe_every", type=POSITIVE_INT, default=1, help="MoE every N layers (default 1)")
+    p.add_argument("--first-dense-layers", dest="first_dense_layers", type=NONNEGATIVE_INT, default=0,
                    help="keep the first K layers dense (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the router init and the noise")
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0, help="seed of the router init and the noise")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any MoEConfig field, e.g. --set aux_loss_coef=0.001 (repeatable)")
     p.add_argument("--to", choices=["hf", "moekit"], default="moekit", help="output format (default moekit)")
@@ -373,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         _tune_allocator()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    from moekit.checkpoint import CheckpointError
-    from moekit.train import NonFiniteLossError
+    from moekit.formats import CheckpointError
+    from moekit.train.trainer import NonFiniteLossError
 
     try:
         return args.func(args)

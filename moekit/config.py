@@ -21,7 +21,7 @@ GROUP_SCORES = ("top2_sum", "max")
 ACTIVATIONS = ("swiglu", "gelu", "swiglu_clamped")
 DROP_POLICIES = ("position", "probs")
 OVERFLOW_POLICIES = ("drop", "reroute")
-BACKENDS = ("auto", "loop", "grouped", "padded", "compiled")  # see moekit/experts.py
+BACKENDS = ("auto", "loop", "grouped", "padded", "compiled")  # see moekit/layer/experts.py
 ATTENTIONS = ("mha", "mla")
 QK_NORM_SCOPES = ("head", "full")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -161,7 +161,7 @@ class ModelConfig:
     ``(i - first_dense_layers) % moe_every == 0`` and ``i not in dense_layers``.
 
     The fields after ``v_head_dim`` up to ``hf_arch`` describe details of published architectures
-    (Qwen2/3, OLMoE, DeepSeek, gpt-oss, Llama 3); they are all off by default. ``moekit.hf`` maps
+    (Qwen2/3, OLMoE, DeepSeek, gpt-oss, Llama 3); they are all off by default. ``moekit.formats.hf`` maps
     Hugging Face ``config.json`` keys onto them (see /work/shared/reference/hf-moe-formats.md).
     """
 
@@ -202,7 +202,7 @@ class ModelConfig:
     swiglu_limit: float = 7.0  # activation="swiglu_clamped" only (dense FFN), see MoEConfig
     swiglu_alpha: float = 1.702
     dense_layers: tuple[int, ...] = ()  # layers kept dense although the MoE rule selects them (Qwen mlp_only_layers)
-    hf_arch: str = ""  # Hugging Face model_type this config was imported from: moekit.hf.export_hf's default
+    hf_arch: str = ""  # Hugging Face model_type this config was imported from: moekit.formats.hf.export_hf's default
     moe: MoEConfig | None = None
     moe_every: int = 1
     first_dense_layers: int = 0

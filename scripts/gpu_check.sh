@@ -50,10 +50,10 @@ step() {  # step NAME SECONDS LOG COMMAND...: run COMMAND with the smaller of SE
 
 if [[ $want == *,tests,* ]]; then
     step tests-cuda 200 tests_cuda.log "$py" -m pytest -q -p no:cacheprovider -k cuda \
-        tests/test_backends.py tests/test_perf_paths.py
+        tests/layer/test_backends.py tests/layer/test_perf_paths.py
 fi
 if [[ $want == *,train,* ]]; then
-    step tests-train 100 tests_train.log "$py" -m pytest -q -p no:cacheprovider tests/test_train.py \
+    step tests-train 100 tests_train.log "$py" -m pytest -q -p no:cacheprovider tests/train/test_train.py \
         -k "loss_falls or bf16_autocast or eval_and_generate"
 fi
 if [[ $want == *,bench,* ]]; then

@@ -13,9 +13,9 @@ import moekit.host as host_mod
 from moekit.cli import DTYPE_CHOICES as CLI_CHOICES
 from moekit.cli import build_parser
 from moekit.config import ModelConfig, MoEConfig
-from moekit.data import prepare_data
 from moekit.host import DTYPE_CHOICES, probe_host, resolve_dtype, weights_dtype
-from moekit.train import TrainConfig, train
+from moekit.train.data import prepare_data
+from moekit.train.trainer import TrainConfig, train
 
 CPU = torch.device("cpu")
 
