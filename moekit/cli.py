@@ -205,7 +205,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from moekit.train.evaluation import generate_text
+    from moekit.train.evaluation import benchmark_generation, generate_text
+
+    if args.benchmark:
+        r = benchmark_generation(args.checkpoint, prompt_tokens=args.prompt_tokens, new_tokens=args.max_new_tokens,
+                                 rounds=args.rounds, dtype=args.dtype)
+        if args.json:
+            print(json.dumps(r, indent=2))
+            return 0
+        bw = r["read_bandwidth_bytes_per_s"]
+        print(f"{r['checkpoint']}: {r['dtype']} on {r['device']}, {r['threads']} threads; "
+              f"{r['host']['cpu_model']} ({r['host']['kind']})")
+        print(f"  load                 {r['load_seconds']:8.2f} s")
+        print(f"  prompt ({r['prompt_tokens']} tokens)  {r['prompt_tokens_per_s']:8.1f} tokens/s")
+        print(f"  decode (batch 1)     {r['decode_tokens_per_s']:8.1f} tokens/s  "
+              f"({r['weight_bytes_per_decode_token'] / 1e6:.1f} MB of weights a token: "
+              f"{r['decode_weight_bytes_per_s'] / 1e9:.1f} GB/s"
+              + ("" if bw is None else f", {r['bandwidth_fraction']:.0%} of the {bw / 1e9:.1f} GB/s read bandwidth")
+              + ")")
+        print(f"  first round          {r['first_round_prompt_seconds']:8.2f} s prompt, "
+              f"{r['first_round_decode_ms_per_token']:.1f} ms/token (compiles the kernels once per shape)")
+        return 0
 
     for piece in generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed, dtype=args.dtype):
@@ -332,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample among the k most likely (default 50)")
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=None, help="sampling seed")
     _add_inference_dtype_arg(p)
+    p.add_argument("--benchmark", action="store_true",
+                   help="instead of text: time the prompt pass and decode on a random prompt and print tokens/s and "
+                        "the share of the host's read bandwidth decode reaches (--max-new-tokens decode steps)")
+    p.add_argument("--prompt-tokens", dest="prompt_tokens", type=POSITIVE_INT, default=512,
+                   help="with --benchmark: prompt length in tokens (default 512)")
+    p.add_argument("--rounds", type=POSITIVE_INT, default=3, help="with --benchmark: timed rounds (default 3)")
+    p.add_argument("--json", action="store_true", help="with --benchmark: print JSON")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint",

@@ -235,3 +235,18 @@ def weights_dtype(requested: str | torch.dtype | None, stored: torch.dtype, devi
     if stored == torch.bfloat16 and not native_bf16(device, host):
         return torch.float32
     return stored
+
+
+def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """The host's streaming read bandwidth in bytes/s: the best of ``repeats`` sums over an fp32 buffer of ``nbytes``
+    (512 MiB: far past the caches) on all intra-op threads, as decode reads its weights."""
+    import time
+
+    x_N = torch.ones(nbytes // 4)
+    float(x_N.sum())  # first touch: page faults are not bandwidth
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(x_N.sum())
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best

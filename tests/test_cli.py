@@ -183,10 +183,19 @@ def test_train_with_the_tiny_preset_defaults_then_every_path_to_its_checkpoint(c
     for path in (run, run / "checkpoints", run / "checkpoints" / "latest", step):
         state = moekit.from_pretrained(path).state_dict()
         assert all(torch.equal(state[k], v) for k, v in ref.items()), path
-        r = _moekit("generate", str(path), "--max-new-tokens", "3", "--seed", "0")
-        assert r.returncode == 0, (path, r.stderr)
+    r = _moekit("generate", str(run / "checkpoints" / "latest"), "--max-new-tokens", "3", "--seed", "0")
+    assert r.returncode == 0, r.stderr  # the CLI resolves through the same function (moekit.formats.paths)
     with pytest.raises(moekit.CheckpointError, match="not a checkpoint directory"):
         moekit.from_pretrained(tmp_path)
+    # the user's own benchmark of a checkpoint on this host
+    r = _moekit("generate", str(run), "--benchmark", "--prompt-tokens", "16", "--max-new-tokens", "4", "--rounds", "1",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout)
+    assert b["prompt_tokens"] == 16 and b["prompt_tokens_per_s"] > 0 and b["decode_tokens_per_s"] > 0
+    assert b["weight_bytes_per_decode_token"] > 0 and 0 < b["bandwidth_fraction"] < 5 and b["host"]["kind"]
+    r = _moekit("generate", str(run), "--benchmark", "--prompt-tokens", "200", "--max-new-tokens", "4")
+    assert r.returncode == 2 and "the model's context is 128" in r.stderr
 
 
 def test_a_failed_train_leaves_no_run_directory(corpus, tmp_path):

@@ -142,12 +142,17 @@ MLA_NORM_EPS = 1e-6
 
 
 class KVCache:
-    """Preallocated keys/values per layer for incremental decoding; ``pos`` tokens are filled.
+    """Preallocated keys/values per layer for incremental decoding.
 
     Multi-head attention caches k and v ``[B, G, max_len, Dh]``. Multi-head latent attention caches
     only what it needs to rebuild them: ``k`` holds the normalised latent c_kv ``[B, 1, max_len, C]``
     and ``v`` the rotated shared rope key k_pe ``[B, 1, max_len, r]`` (DeepSeek-V2 section 2.1: C + r
     values per token and layer instead of 2 * H * Dh).
+
+    Every row holds ``pos`` tokens, or, for a batch of sequences of different lengths (``KVCache.batch``),
+    row b holds ``lengths[b]`` (a device tensor) and ``pos`` is the longest: each forward appends its S
+    tokens to every row at the row's own position (RoPE, cache writes and the causal mask per row), so
+    sequences of different lengths decode in one step.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int | None = None, device=None, dtype=torch.float32):
@@ -160,36 +165,81 @@ class KVCache:
         self.k = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = 0
+        self.lengths: Tensor | None = None  # [B] per-row fill (ragged batches), else every row holds pos
+        self.start: int | Tensor = 0  # where this forward's tokens go: pos, or lengths (set by ``reserve``)
+
+    @classmethod
+    def batch(cls, caches: list[KVCache]) -> KVCache:
+        """One cache whose row b is (a copy of) the single-row cache ``caches[b]``, each at its own length."""
+        if not caches or any(c.k[0].shape[0] != 1 for c in caches):
+            raise ValueError("caches: expected single-sequence caches (batch 1) to stack")
+        first = caches[0]
+        out = cls.__new__(cls)
+        out.max_len = max(c.max_len for c in caches)
+        out.k = [torch.zeros((len(caches), *t.shape[1:2], out.max_len, t.shape[3]), dtype=t.dtype, device=t.device)
+                 for t in first.k]
+        out.v = [torch.zeros((len(caches), *t.shape[1:2], out.max_len, t.shape[3]), dtype=t.dtype, device=t.device)
+                 for t in first.v]
+        for b, c in enumerate(caches):
+            for layer in range(len(out.k)):
+                out.k[layer][b, :, :c.pos] = c.k[layer][0, :, :c.pos]
+                out.v[layer][b, :, :c.pos] = c.v[layer][0, :, :c.pos]
+        out.pos = max(c.pos for c in caches)
+        out.lengths = torch.tensor([c.pos for c in caches], device=first.k[0].device)
+        out.start = 0
+        return out
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache, all layers."""
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
+    def reserve(self, S: int) -> None:
+        """Make room for S more tokens per row (a clear error past ``max_len``); sets ``start`` for the layers."""
+        if self.pos + S > self.max_len:
+            raise ValueError(f"max_seq_len: the KV cache holds {self.max_len} positions per sequence; "
+                             f"{self.pos} are filled and {S} more were asked for")
+        self.start = self.pos if self.lengths is None else self.lengths
+
+    def advance(self, S: int) -> None:
+        self.pos += S
+        if self.lengths is not None:
+            self.lengths = self.lengths + S
+
     def update(self, layer: int, k_BGSDh: Tensor, v_BGSDh: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this forward's keys/values at ``start`` and return the filled part [B, G, pos + S, Dh]."""
         S = k_BGSDh.shape[2]
         end = self.pos + S
-        if end > self.max_len:
-            raise ValueError(f"max_seq_len: the KV cache holds {self.max_len} positions, {end} requested")
-        self.k[layer][:, :, self.pos:end] = k_BGSDh
-        self.v[layer][:, :, self.pos:end] = v_BGSDh
+        if self.lengths is None:
+            self.k[layer][:, :, self.pos:end] = k_BGSDh
+            self.v[layer][:, :, self.pos:end] = v_BGSDh
+        else:  # each row at its own position
+            pos_BS = self.lengths[:, None] + torch.arange(S, device=self.lengths.device)
+            for cache, new in ((self.k[layer], k_BGSDh), (self.v[layer], v_BGSDh)):
+                idx = pos_BS[:, None, :, None].expand(new.shape[0], new.shape[1], S, new.shape[3])
+                cache.scatter_(2, idx, new.to(cache.dtype))
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-def attention_mask(S: int, T: int, start: int, window: int | None, device) -> Tensor:
+def attention_mask(S: int, T: int, start: int | Tensor, window: int | None, device) -> Tensor:
     """[S, T] bool: query start + i sees key j when j <= start + i and, with a window W, j > start + i - W
-    (HF ``sliding_window_overlay``: the window includes the token itself)."""
-    q_pos = torch.arange(start, start + S, device=device)[:, None]
-    k_pos = torch.arange(T, device=device)[None, :]
+    (HF ``sliding_window_overlay``: the window includes the token itself). With ``start`` a [B] tensor (rows
+    at different lengths) the mask is [B, 1, S, T], one per row."""
+    if isinstance(start, Tensor):
+        q_pos = (start[:, None] + torch.arange(S, device=device))[:, None, :, None]  # [B, 1, S, 1]
+    else:
+        q_pos = torch.arange(start, start + S, device=device)[:, None]
+    k_pos = torch.arange(T, device=device)
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= k_pos > q_pos - window
     return allowed
 
 
-def attend(q_BHSd: Tensor, k_BGTd: Tensor, v_BGTe: Tensor, start: int, window: int | None = None,
+def attend(q_BHSd: Tensor, k_BGTd: Tensor, v_BGTe: Tensor, start: int | Tensor, window: int | None = None,
            sinks_H: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """Causal attention of S queries at positions start.. over T = start + S keys -> [B, H, S, e].
+    """Causal attention of S queries at positions start.. over T = start + S keys -> [B, H, S, e] (``start`` a [B]
+    tensor: per-row positions, keys past a row's own length masked).
 
     Without sinks this is one SDPA call (GQA through ``enable_gqa``). With per-head sinks (gpt-oss,
     reference doc section 2) the sink logit joins each row's softmax and is then dropped, so the weights
@@ -200,7 +250,9 @@ def attend(q_BHSd: Tensor, k_BGTd: Tensor, v_BGTe: Tensor, start: int, window: i
     k_BGTd, v_BGTe = k_BGTd.to(q_BHSd.dtype), v_BGTe.to(q_BHSd.dtype)
     if sinks_H is None:
         mask, causal = None, False
-        if window is None and start == 0 and S > 1:
+        if isinstance(start, Tensor):  # rows at different lengths: each row masks the keys past its own
+            mask = attention_mask(S, T, start, window, q_BHSd.device)
+        elif window is None and start == 0 and S > 1:
             causal = True
         elif window is not None or (S > 1 and start > 0):
             mask = attention_mask(S, T, start, window, q_BHSd.device)
@@ -256,7 +308,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         start = 0
         if cache is not None:
-            start = cache.pos
+            start = cache.start
             k, v = cache.update(self.layer, k, v)
         o = attend(q, k, v, start, self.window, self.sinks)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
@@ -310,7 +362,7 @@ class MLAttention(nn.Module):
         k_pe_B1Sr = apply_rope(k_pe_B1Sr, cos, sin, self.rope_interleaved)
         start = 0
         if cache is not None:  # cache the latent and the rope key, not the per-head keys and values
-            start = cache.pos
+            start = cache.start
             c_kv_B1SC, k_pe_B1Sr = cache.update(self.layer, c_kv_B1SC, k_pe_B1Sr)
         T = c_kv_B1SC.shape[2]
         kv = self.wkv_b(c_kv_B1SC.squeeze(1).to(x_BSD.dtype)).view(B, T, H, n + self.v_dim).transpose(1, 2)
@@ -376,15 +428,24 @@ class Transformer(nn.Module):
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
-                aux: bool = True) -> ModelOutput:
+                aux: bool = True, logits_to_keep: int | None = None) -> ModelOutput:
         """Logits (and the losses when ``targets`` are given). ``aux=False`` is for inference (generation, serving):
         the MoE layers skip their balancing losses and routing statistics, ``aux_loss``/``z_loss`` are None and
-        ``stats`` holds only None (see ``MoE.forward``)."""
+        ``stats`` holds only None (see ``MoE.forward``). ``logits_to_keep=k`` computes the output head for the last
+        k positions only (a prompt pass needs the last one: the head is [V, D] per position; transformers'
+        ``logits_to_keep``); ``logits`` is then [B, k, V]."""
         B, S = input_ids.shape
-        start = cache.pos if cache is not None else 0
+        start = 0
+        if cache is not None:
+            cache.reserve(S)  # a clear error past the cache's length
+            start = cache.pos
         if start + S > self.config.max_seq_len:
             raise ValueError(f"max_seq_len: sequence of {start + S} tokens exceeds {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        if cache is not None and cache.lengths is not None:  # rows at their own positions
+            pos_BS = cache.lengths[:, None] + torch.arange(S, device=input_ids.device)
+            cos, sin = self.rope_cos[pos_BS].unsqueeze(1), self.rope_sin[pos_BS].unsqueeze(1)  # [B, 1, S, Dh]
+        else:
+            cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         x = self.tok_emb(input_ids)
         stats: list[MoEStats | None] = []
         aux_loss = z = x.new_zeros((), dtype=torch.float32) if aux else None
@@ -394,7 +455,11 @@ class Transformer(nn.Module):
             if res is not None and aux:
                 aux_loss, z = aux_loss + res.aux_loss, z + res.z_loss
         if cache is not None:
-            cache.pos += S
+            cache.advance(S)
+        if logits_to_keep is not None:
+            if targets is not None:
+                raise ValueError("logits_to_keep: the losses need the logits of every position (pass targets=None)")
+            x = x[:, -logits_to_keep:]
         h = self.norm(x)
         logits = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
         out = ModelOutput(logits=logits, aux_loss=aux_loss, z_loss=z, stats=stats)
@@ -427,7 +492,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], **kwargs) -> Transformer:
-        """Load a moekit or Hugging Face checkpoint directory, see ``moekit.formats.hf.from_pretrained``."""
+        """Load a moekit or Hugging Face checkpoint, see ``moekit.formats.load.from_pretrained``."""
         from moekit.formats.load import from_pretrained
 
         return from_pretrained(path, **kwargs)

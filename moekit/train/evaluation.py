@@ -38,7 +38,8 @@ def generate_text(checkpoint: str | Path, prompt: str, max_new_tokens: int = 200
     model, tok, _ = load_for_inference(checkpoint, dtype=dtype, device=device)
     ids: list[int] = []
     shown = ""
-    for t in sample_tokens(model, tok.encode(prompt), max_new_tokens, temperature, top_k, seed):
+    # a prompt longer than the context keeps its most recent tokens (sample_tokens' documented truncation)
+    for t in sample_tokens(model, tok.encode(prompt), max_new_tokens, temperature, top_k, seed, truncate=True):
         ids.append(t)
         text = tok.decode(ids)
         # a byte-level token can end mid-character: hold back until the character is complete
@@ -79,4 +80,66 @@ def eval_checkpoint(checkpoint: str | Path, corpus: str = "stdlib", val_path: st
         "seq_len": seq_len,
         "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
         "dtype_requested": dtype,
+    }
+
+
+@torch.no_grad()
+def benchmark_generation(checkpoint: str | Path, prompt_tokens: int = 512, new_tokens: int = 128, rounds: int = 3,
+                         dtype: str = "auto", device: str = "auto", probe_bandwidth: bool = True) -> dict[str, Any]:
+    """``moekit generate CKPT --benchmark``: prompt and decode tokens/s of a checkpoint on this host, and the share of
+    the host's read bandwidth that decode reaches on the weights a token reads.
+
+    A seeded random prompt of ``prompt_tokens`` ids; the prompt pass (``prefill``: chunked, last position's head only)
+    and ``new_tokens`` greedy decode steps at batch 1, timed apart; the first round (compiling the kernels) is
+    reported apart from the medians of the next ``rounds``. Bytes per decode token: the weights multiplied per
+    token (``costs.matmul_params_per_token``) in the weights' dtype; bandwidth: ``moekit.host.read_bandwidth``.
+    """
+    import statistics
+    import time
+
+    from moekit.formats import from_pretrained
+    from moekit.host import probe_host, read_bandwidth
+    from moekit.model.costs import costs
+    from moekit.model.generate import check_request, prefill
+    from moekit.model.transformer import KVCache
+
+    if rounds < 1:
+        raise ValueError(f"rounds: must be >= 1, got {rounds}")
+    t_load = time.perf_counter()
+    dev = resolve_device(device)
+    model = from_pretrained(checkpoint, dtype=dtype, device=dev, tokenizer=False).eval()
+    load_s = time.perf_counter() - t_load
+    cfg = model.config
+    check_request(model, prompt_tokens, new_tokens)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    wdtype = model.tok_emb.weight.dtype
+
+    def one_round() -> tuple[float, float]:
+        cache = KVCache(cfg, 1, max_len=prompt_tokens + new_tokens, device=dev, dtype=wdtype)
+        t0 = time.perf_counter()
+        nxt = prefill(model, ids, cache).argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            nxt = model(nxt, cache=cache, aux=False).logits[:, -1].argmax(-1, keepdim=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        return t1 - t0, (t2 - t1) / max(1, new_tokens - 1)
+
+    first = one_round()
+    timed = [one_round() for _ in range(rounds)]
+    prompt_s = statistics.median(t for t, _ in timed)
+    step_s = statistics.median(s for _, s in timed)
+    bytes_per_token = costs(cfg).matmul_params_per_token * torch.empty((), dtype=wdtype).element_size()
+    bandwidth = read_bandwidth() if probe_bandwidth and dev.type == "cpu" else None
+    achieved = bytes_per_token / step_s
+    return {
+        "checkpoint": str(checkpoint), "dtype": str(wdtype).removeprefix("torch."), "device": str(dev),
+        "host": probe_host().to_dict(), "threads": torch.get_num_threads(), "load_seconds": load_s,
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds,
+        "prompt_tokens_per_s": prompt_tokens / prompt_s, "decode_tokens_per_s": 1 / step_s,
+        "first_round_prompt_seconds": first[0], "first_round_decode_ms_per_token": 1000 * first[1],
+        "weight_bytes_per_decode_token": bytes_per_token, "decode_weight_bytes_per_s": achieved,
+        "read_bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_fraction": None if bandwidth is None else achieved / bandwidth,
     }
