@@ -10,10 +10,12 @@ ones before it):
     upcycling.py        dense -> MoE sparse upcycling
     parallel/           expert + data parallelism on torch.distributed
     train/              data, trainer, training checkpoints, evaluation
+    compress/           quantized experts with per-expert widths (``moekit compress``; ``moekit.compress.compress``)
     compare/            ``moekit compare`` and its report
     cli.py              the command line: verbs mapped to the functions above
 """
 
+import moekit.compress  # noqa: F401 (registers the compressed checkpoints with from_pretrained)
 from moekit.config import ModelConfig, MoEConfig
 from moekit.formats import CheckpointError, convert, export_hf, from_pretrained, save_pretrained
 from moekit.layer import MoE, MoEOutput, MoEStats, Router, RoutingResult

@@ -272,6 +272,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from moekit.compress import compress
+
+    res = compress(args.src, args.dst, bits=args.bits, method=args.method,
+                   group_size=None if args.group_size == "row" else int(args.group_size), calib=args.calib,
+                   mixed=not args.uniform, symmetric=args.symmetric, scope=args.scope,
+                   quantize_dense=args.dense, dense_bits=args.dense_bits,
+                   calibrate_all_experts=args.calibrate_all_experts, act_order=args.act_order,
+                   calib_sequences=args.calib_sequences, seed=args.seed, progress=not args.json)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return 0
+    ppl = ("" if res.perplexity_after is None else
+           f"; validation perplexity {res.perplexity_before:.3f} -> {res.perplexity_after:.3f}")
+    print(f"wrote {res.dst}: {res.method}, {res.effective_bits:.3f} effective bits per weight (asked {args.bits}), "
+          f"{res.weight_bytes_before / 2**20:.1f} -> {res.weight_bytes_after / 2**20:.1f} MiB of quantized weights "
+          f"({res.compression:.2f}x){ppl}")
+    return 0
+
+
 def cmd_upcycle(args: argparse.Namespace) -> int:
     from moekit.config import MoEConfig
     from moekit.formats import export_hf
@@ -402,6 +422,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-bytes", dest="max_shard_bytes", type=POSITIVE_INT, default=None,
                    help="split the safetensors into shards of at most this many bytes (with an index file)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("compress", help="quantize the experts (2/3/4/8 bits, a width per expert); write a checkpoint",
+                       description="Weight-only quantization of the routed and shared experts (and, with --dense, "
+                                   "attention and dense FFNs): --bits is the average in effective bits, scales and "
+                                   "zeros included; --mixed (default) gives each expert its own width by an exact "
+                                   "allocation on measured errors. The destination is written atomically.")
+    p.add_argument("src", help="source checkpoint (a moekit run/checkpoint or a Hugging Face MoE directory)")
+    p.add_argument("dst", help="destination directory (the compressed checkpoint)")
+    p.add_argument("--bits", type=POSITIVE_FLOAT, required=True, help="average effective bits per quantized weight")
+    p.add_argument("--method", choices=["rtn", "hqq", "gptq"], default="rtn",
+                   help="rtn (round to nearest), hqq (calibration-free), gptq (needs --calib); default rtn")
+    p.add_argument("--group-size", dest="group_size", choices=["32", "64", "128", "row"], default="128",
+                   help="weights per scale (default 128; row: one group per row)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric codes (no zeros stored)")
+    p.add_argument("--calib", help="calibration corpus (a name or path, as moekit train's --corpus); also gives "
+                                   "the validation perplexity before and after")
+    p.add_argument("--uniform", action="store_true", help="one width for every expert (default: mixed widths)")
+    p.add_argument("--scope", choices=["layer", "global"], default="layer",
+                   help="allocate the bits per MoE layer (default) or over the whole model")
+    p.add_argument("--dense", action="store_true", help="also quantize attention projections and dense FFNs")
+    p.add_argument("--dense-bits", dest="dense_bits", type=POSITIVE_INT, choices=[2, 3, 4, 8], default=None,
+                   help="their width (default: the widest that fits)")
+    p.add_argument("--calibrate-all-experts", dest="calibrate_all_experts", action="store_true",
+                   help="gptq: calibrate every expert on every token (rare experts get statistics)")
+    p.add_argument("--act-order", dest="act_order", action="store_true", help="gptq: columns by activation order")
+    p.add_argument("--calib-sequences", dest="calib_sequences", type=POSITIVE_INT, default=32,
+                   help="calibration sequences (default 32)")
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0, help="seed of the calibration sample")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE one (sparse upcycling)",
                        description="Every expert starts as a copy of the dense FFN (optionally split into "

@@ -19,7 +19,7 @@ from moekit.cli import NONNEGATIVE_FLOAT, NONNEGATIVE_INT, POSITIVE_FLOAT, POSIT
 ROOT = Path(__file__).resolve().parents[1]
 
 
-VERBS = ["compare", "train", "generate", "eval", "costs", "convert", "upcycle"]
+VERBS = ["compare", "train", "generate", "eval", "costs", "convert", "compress", "upcycle"]
 
 
 def _moekit(*args, cwd=ROOT, timeout=300):
@@ -117,7 +117,7 @@ def test_cli_upcycle_convert_costs_on_hf_checkpoint(tmp_path):
 
 # the positional arguments each verb needs before a flag can be checked on its own
 _REQUIRED = {"train": ["--out", "x"], "generate": ["ckpt"], "eval": ["ckpt"], "convert": ["a", "b", "--to", "hf"],
-             "upcycle": ["a", "b"], "compare": [], "costs": []}
+             "upcycle": ["a", "b"], "compare": [], "costs": [], "compress": ["a", "b", "--bits", "4"]}
 _BAD = {POSITIVE_INT.expects: "0", NONNEGATIVE_INT.expects: "-1", POSITIVE_FLOAT.expects: "0",
         NONNEGATIVE_FLOAT.expects: "-0.5"}
 

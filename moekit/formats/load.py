@@ -10,6 +10,7 @@ attached as ``model.tokenizer``. Imports: ``moekit.formats``' own modules, ``moe
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,18 @@ from moekit.formats.paths import resolve_checkpoint
 from moekit.host import weights_dtype
 
 
+# checkpoint kinds a later stage defines, tried before the two formats here: (claims(directory) -> bool,
+# load(directory, device, tokenizer) -> model). ``moekit.compress`` registers its compressed checkpoints (imported
+# by ``moekit/__init__.py``, so every entry point has them); formats itself imports no later stage.
+LOADERS: list[tuple[Callable[[Path], bool], Callable[..., torch.nn.Module]]] = []
+
+
+def register_loader(claims: Callable[[Path], bool], load: Callable[..., torch.nn.Module]) -> None:
+    """Let ``from_pretrained`` read another kind of checkpoint directory (see ``LOADERS``)."""
+    if (claims, load) not in LOADERS:
+        LOADERS.append((claims, load))
+
+
 def config_of(path: str | os.PathLike[str]) -> ModelConfig:
     """The ModelConfig of a checkpoint (Hugging Face or moekit, any path ``resolve_checkpoint`` takes) without
     loading any weights."""
@@ -29,6 +42,7 @@ def config_of(path: str | os.PathLike[str]) -> ModelConfig:
     raw = read_config_json(directory)
     if "model_type" in raw:
         return hf_to_config(raw)
+    raw = {k: v for k, v in raw.items() if k != "quantization"}  # (a compressed checkpoint's section)
     try:
         return ModelConfig.from_dict(raw)
     except (TypeError, ValueError) as e:
@@ -49,6 +63,9 @@ def from_pretrained(path: str | os.PathLike[str], dtype: torch.dtype | str | Non
     the source model.
     """
     directory = resolve_checkpoint(path)
+    for claims, load in LOADERS:  # (a compressed checkpoint: its float tensors stay in their stored dtype)
+        if claims(directory):
+            return load(directory, device=device, tokenizer=tokenizer)
     raw = read_config_json(directory)
     model = load_hf(directory, raw) if "model_type" in raw else load_pretrained_moekit(directory)
     stored = model.tok_emb.weight.dtype

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
@@ -115,7 +116,9 @@ class MoE(nn.Module):
         if self.shared is not None:                                     # always-on shared experts
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+                # (the weight in x's dtype: the decode step keeps fp32 activations beside 16-bit weights; a [1, D] copy)
+                gate_T1 = F.linear(x_TD, self.shared_gate.weight.to(x_TD.dtype))
+                shared_TD = torch.sigmoid(gate_T1) * shared_TD
             out_TD = out_TD + shared_TD.to(out_TD.dtype)
         return out_TD
 

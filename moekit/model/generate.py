@@ -3,6 +3,9 @@ streamed; and greedy decoding of several sequences of different lengths in one b
 
 Legend: B batch, S sequence, V vocab.
 
+Every step after the prompt pass goes through ``moekit.model.decode.decode_step`` (the compiled few-token step, or
+the model's forward where it does not apply).
+
 The prompt pass runs the prompt into the cache ``chunk_size`` tokens at a time (a long prompt never holds the
 activations of all its positions at once) and computes the output head for its last position only
 (``Transformer.forward(logits_to_keep=1)``). A prompt and its new tokens must fit the model's context: a longer
@@ -17,6 +20,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from moekit.model import precision
+from moekit.model.decode import decode_step
 from moekit.model.transformer import KVCache, Transformer
 
 PREFILL_CHUNK = 512  # prompt tokens per forward of the prompt pass
@@ -35,17 +40,20 @@ def check_request(model: Transformer, n_prompt: int, max_new_tokens: int) -> Non
 
 
 @torch.no_grad()
-def prefill(model: Transformer, ids_BS: Tensor, cache: KVCache, chunk_size: int | None = PREFILL_CHUNK) -> Tensor:
+def prefill(model: Transformer, ids_BS: Tensor, cache: KVCache, chunk_size: int | None = PREFILL_CHUNK,
+            activation_dtype: torch.dtype | None = None) -> Tensor:
     """Run the prompt ``ids_BS`` into ``cache`` (``chunk_size`` tokens per forward; None: all at once) and return
     the logits of its last position, [B, V]. Chunked and one-shot prompt passes give the same cache and logits
-    (tests/model/test_generate.py)."""
+    (tests/model/test_generate.py). ``activation_dtype`` (None: ``precision.activation_dtype``, fp32 over 16-bit
+    weights on a CPU without bf16 instructions, else the weights') is the forward's residual-stream dtype."""
+    act = activation_dtype or precision.activation_dtype(model)
     S = ids_BS.shape[1]
     step = S if chunk_size is None else chunk_size
     if step < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
     logits = None
     for i in range(0, S, step):
-        logits = model(ids_BS[:, i:i + step], cache=cache, aux=False, logits_to_keep=1).logits
+        logits = model(ids_BS[:, i:i + step], cache=cache, aux=False, logits_to_keep=1, activation_dtype=act).logits
     return logits[:, -1]
 
 
@@ -82,7 +90,7 @@ def sample_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int
         nxt = _pick(logits_V.float(), temperature, top_k, gen)
         yield nxt
         if i + 1 < max_new_tokens:
-            logits_V = model(torch.tensor([[nxt]], device=device), cache=cache, aux=False).logits[0, -1]
+            logits_V = decode_step(model, torch.tensor([[nxt]], device=device), cache)[0, -1]
 
 
 @torch.no_grad()
@@ -107,7 +115,7 @@ def greedy_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     out = [[t] for t in first]
     nxt_B1 = torch.tensor(first, device=device)[:, None]
     for _ in range(max_new_tokens - 1):
-        nxt_B1 = model(nxt_B1, cache=cache, aux=False).logits[:, -1].argmax(-1, keepdim=True)
+        nxt_B1 = decode_step(model, nxt_B1, cache)[:, -1].argmax(-1, keepdim=True)
         for row, t in zip(out, nxt_B1[:, 0].tolist()):
             row.append(t)
     return out

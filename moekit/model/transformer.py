@@ -257,7 +257,7 @@ def attend(q_BHSd: Tensor, k_BGTd: Tensor, v_BGTe: Tensor, start: int | Tensor, 
         elif window is not None or (S > 1 and start > 0):
             mask = attention_mask(S, T, start, window, q_BHSd.device)
         return F.scaled_dot_product_attention(q_BHSd, k_BGTd, v_BGTe, attn_mask=mask, is_causal=causal, scale=scale,
-                                              enable_gqa=G != H)
+                                              enable_gqa=bool(G != H))  # (a plain bool when traced too)
     if G != H:
         k_BGTd, v_BGTe = k_BGTd.repeat_interleave(H // G, dim=1), v_BGTe.repeat_interleave(H // G, dim=1)
     scale = q_BHSd.shape[-1] ** -0.5 if scale is None else scale
@@ -428,12 +428,23 @@ class Transformer(nn.Module):
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
-                aux: bool = True, logits_to_keep: int | None = None) -> ModelOutput:
+                aux: bool = True, logits_to_keep: int | None = None,
+                activation_dtype: torch.dtype | None = None) -> ModelOutput:
         """Logits (and the losses when ``targets`` are given). ``aux=False`` is for inference (generation, serving):
         the MoE layers skip their balancing losses and routing statistics, ``aux_loss``/``z_loss`` are None and
         ``stats`` holds only None (see ``MoE.forward``). ``logits_to_keep=k`` computes the output head for the last
         k positions only (a prompt pass needs the last one: the head is [V, D] per position; transformers'
-        ``logits_to_keep``); ``logits`` is then [B, k, V]."""
+        ``logits_to_keep``); ``logits`` is then [B, k, V]. ``activation_dtype`` (None: the weights') is the residual
+        stream's dtype: fp32 over 16-bit weights computes in fp32 (``moekit.model.precision``)."""
+        if activation_dtype is not None and activation_dtype != self.tok_emb.weight.dtype:
+            from moekit.model.precision import WideLinear
+
+            with WideLinear():
+                return self._forward(input_ids, targets, cache, aux, logits_to_keep, activation_dtype)
+        return self._forward(input_ids, targets, cache, aux, logits_to_keep, None)
+
+    def _forward(self, input_ids: Tensor, targets: Tensor | None, cache: KVCache | None, aux: bool,
+                 logits_to_keep: int | None, activation_dtype: torch.dtype | None) -> ModelOutput:
         B, S = input_ids.shape
         start = 0
         if cache is not None:
@@ -447,6 +458,8 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         x = self.tok_emb(input_ids)
+        if activation_dtype is not None:
+            x = x.to(activation_dtype)
         stats: list[MoEStats | None] = []
         aux_loss = z = x.new_zeros((), dtype=torch.float32) if aux else None
         for block in self.layers:

@@ -100,6 +100,7 @@ def benchmark_generation(checkpoint: str | Path, prompt_tokens: int = 512, new_t
     from moekit.formats import from_pretrained
     from moekit.host import probe_host, read_bandwidth
     from moekit.model.costs import costs
+    from moekit.model.decode import decode_step
     from moekit.model.generate import check_request, prefill
     from moekit.model.transformer import KVCache
 
@@ -120,7 +121,7 @@ def benchmark_generation(checkpoint: str | Path, prompt_tokens: int = 512, new_t
         nxt = prefill(model, ids, cache).argmax(-1, keepdim=True)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
-            nxt = model(nxt, cache=cache, aux=False).logits[:, -1].argmax(-1, keepdim=True)
+            nxt = decode_step(model, nxt, cache)[:, -1].argmax(-1, keepdim=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()

@@ -8,6 +8,7 @@
     custom_op.py       moekit::experts_ffn, the experts as one opaque op for torch.compile
     select.py          select_backend: which kernel runs a call (device, dtype, size, host)
     decode.py          few-token inference: the chosen experts' weights read once; route + experts in one call
+    matvec.py          hand-written C++ few-row products over bf16/fp32 weights (moekit::rows_matvec, experts_matvec)
     rows.py            gather before and combine after the experts, with their backward and compiled passes
     compiled_layer.py  the MoE layer's forward through torch.compile (backend "compiled", auto training)
 
