@@ -37,7 +37,7 @@ from moekit.layer.kernels.inductor import InductorFn, accumulate_dtype, kernels_
 from moekit.model.precision import activation_dtype
 from moekit.layer.experts import MLP, Experts
 from moekit.layer.moe import MoE
-from moekit.model.transformer import Attention, KVCache, Transformer, apply_rope, attend
+from moekit.model.transformer import Attention, KVCache, Transformer, apply_rope, attend, rms_norm
 
 FAST_MAX_ROWS = 8  # B * S up to which the step runs through the kernels (decode and short batched steps)
 
@@ -46,18 +46,12 @@ def linear_rows(x_TD: Tensor, w_OD: Tensor, b_O: Tensor | None = None) -> Tensor
     """x W^T (+ b) for a few rows in the accumulate dtype, reading the stored weights once: the C++ product
     (``moekit.layer.kernels.matvec``) where it runs, else a multiply-reduce written [O, T, D] so that inductor's loop
     runs over the weight rows outside and the tokens inside (the [T, O, D] order read the weights T times)."""
-    acc = accumulate_dtype(x_TD, w_OD)
-    if matvec.applies(x_TD.to(acc), w_OD):  # the hand-written product where it builds (x86 with AVX2)
-        out_TO = torch.ops.moekit.rows_matvec(x_TD.to(acc), w_OD)
+    x_TD = x_TD.to(accumulate_dtype(x_TD, w_OD))
+    if matvec.applies(x_TD, w_OD):  # the hand-written product where it builds (x86 with AVX2)
+        out_TO = torch.ops.moekit.rows_matvec(x_TD, w_OD)
     else:
-        out_TO = (w_OD.to(acc)[:, None, :] * x_TD.to(acc)[None, :, :]).sum(-1).t()
-    return out_TO if b_O is None else out_TO + b_O.to(acc)
-
-
-def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """RMSNorm in the accumulate dtype (``transformer.RMSNorm``'s formula)."""
-    x = x.to(accumulate_dtype(x))
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.to(x.dtype)
+        out_TO = (w_OD.to(x_TD.dtype)[:, None, :] * x_TD[None, :, :]).sum(-1).t()
+    return out_TO if b_O is None else out_TO + b_O.to(x_TD.dtype)
 
 
 def attention_in(x_BSD: Tensor, norm_w: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, bq: Tensor | None,

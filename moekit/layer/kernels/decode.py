@@ -32,10 +32,11 @@ def experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Te
     does not tile it like a GEMM). Run eagerly it copies the chosen weights (same values)."""
     acc = accumulate_dtype(x_TD, w_in_EID)
     T, K = idx_TK.shape
-    if matvec.applies(x_TD.to(acc), w_in_EID) and matvec.applies(x_TD.to(acc), w_out_EDF):
+    x_TD_acc = x_TD.to(acc)
+    if matvec.applies(x_TD_acc, w_in_EID) and matvec.applies(x_TD_acc, w_out_EDF):
         # the hand-written products (matvec.py): each chosen expert's rows read once per token, 4 FMA chains
         idx_R = idx_TK.reshape(-1)
-        h_RI = torch.ops.moekit.experts_matvec(x_TD.to(acc), w_in_EID, idx_R)
+        h_RI = torch.ops.moekit.experts_matvec(x_TD_acc, w_in_EID, idx_R)
         if b_in_EI is not None:
             h_RI = h_RI + b_in_EI[idx_R].to(acc)
         a_RF = activate(h_RI, activation, limit, alpha)
@@ -43,7 +44,7 @@ def experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Te
         if b_out_ED is not None:
             y_RD = y_RD + b_out_ED[idx_R].to(acc)
         return (y_RD.view(T, K, -1) * weight_TK.to(acc)[:, :, None]).sum(1).to(x_TD.dtype)
-    x_T11D = x_TD.to(acc)[:, None, None, :]
+    x_T11D = x_TD_acc[:, None, None, :]
     h_TKI = (w_in_EID[idx_TK].to(acc) * x_T11D).sum(-1)
     if b_in_EI is not None:
         h_TKI = h_TKI + b_in_EI[idx_TK].to(acc)

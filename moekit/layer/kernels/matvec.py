@@ -10,8 +10,8 @@ TorchInductor's multiply-reduce reads bf16 weights at 13.7 GB/s on a 2-core AVX2
 (``torch.sum`` over 1 GiB) is 21 GB/s: its reduction is one dependency chain of adds after a separate multiply. The
 kernel below keeps four independent FMA accumulators per weight row, converts bf16 to fp32 with a shift in
 registers (bf16 is the upper half of an fp32), reads each weight row once for all T rows (the row stays in L1 while
-the rows of x go by), and splits the weight rows over the OpenMP threads: 17.3 GB/s there (benchmarks/RESULTS.md,
-"Decode step"). Weights bf16 or fp32, x and the result fp32 (the accumulate dtype).
+the rows of x go by), and splits the weight rows over the OpenMP threads: 17.3 GB/s there alone, 19-20 GB/s inside
+the decode step (benchmarks/RESULTS.md, "Where a decode token's time goes"). Weights bf16 or fp32, x and the result fp32 (the accumulate dtype).
 
 The C++ is built once per process by TorchInductor's C++ toolchain (``CppPythonBindingsCodeCache``: the compiler
 flags of the host's vector ISA, OpenMP, a disk cache), so it needs what the inductor kernels need and nothing more.
