@@ -173,3 +173,14 @@ def test_no_package_attribute_hides_one_of_its_modules():
         if getattr(parent, parts[-1], child) is not child:
             hidden.append(mod)
     assert not hidden, f"package attributes that hide a module of the same name: {hidden}"
+
+
+def test_test_files_have_unique_names():
+    """The test folders are not packages, so pytest imports each test file by its basename: two files of one name
+    in different folders fail collection on a clean clone (a stale __pycache__ hides it on a working copy)."""
+    tests = Path(__file__).resolve().parent
+    seen: dict[str, list[str]] = {}
+    for p in tests.rglob("test_*.py"):
+        seen.setdefault(p.name, []).append(str(p.relative_to(tests)))
+    clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not clashes, f"test files sharing a basename (rename one): {clashes}"
