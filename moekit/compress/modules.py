@@ -9,9 +9,10 @@ O output rows.
 are stacked ([E_b, I, D] codes) under ``w_in["b<bits>"]`` / ``w_out["b<bits>"]``. A call with rows dequantizes one
 active expert at a time into the compute dtype and runs it on its rows (``ffn``), so the high-precision copy alive
 at once is one expert's; an expert without rows is never read. ``decode`` (few tokens, no plan) does the same for
-the chosen experts only. ``decode_eligible`` is False: ``MoE``'s routed decode kernel (``ROUTED_DECODE``) takes the
-stacked dense weights of *all* experts, so quantized layers go through the dispatch path, whose per-expert loop
-reads only the experts that got rows. 8-bit symmetric weights with one group per row multiply through
+the chosen experts only, where the packed-weight kernel does not apply. Where it does (a few fp32 rows, 2/4/8-bit
+stacks: ``moekit.compress.kernels``), ``decode_eligible`` is True and ``decode`` reads the chosen experts' packed rows
+directly, one kernel call per width and projection, with no host read of the routing; ``routed_decode`` is False
+(``MoE``'s one-kernel router and experts, ``ROUTED_DECODE``, takes dense stacks), so the router runs first. 8-bit symmetric weights with one group per row multiply through
 ``torch.ops.aten._weight_int8pack_mm`` (int8 [O, I] weight, one scale per row; torch 2.13 CPU takes fp32, fp16 and
 bf16 activations), which reads the int8 codes directly.
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.compress import kernels
 from moekit.compress.quantize import QuantizedTensor, padded_codes
 from moekit.layer.experts import MLP, Experts
 from moekit.layer.ffn import activate, compute_dtype, ffn_in_width
@@ -74,8 +76,12 @@ class PackedWeight(nn.Module):
 
 
 def qlinear(x: Tensor, qt: QuantizedTensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., I] @ W^T (+ b) for a quantized [O, I] weight: the int8 kernel where its layout applies, else the
-    weight dequantized to x's dtype (float64 in float64)."""
+    """x [..., I] @ W^T (+ b) for a quantized [O, I] weight: a few fp32 rows through the packed-weight kernel
+    (``moekit.compress.kernels``), the int8 kernel where its layout applies, else the weight dequantized to x's
+    dtype (float64 in float64)."""
+    if kernels.applies(x, qt):  # a few fp32 rows (decode): read packed, never dequantized to memory
+        y = kernels.q_rows_matvec(x.reshape(-1, x.shape[-1]), qt).view(*x.shape[:-1], qt.shape[0])
+        return y if bias is None else y + bias.to(y.dtype)
     w8 = qt.int8_weight()
     if w8 is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
@@ -145,6 +151,8 @@ class QuantizedExperts(nn.Module):
     """E experts, expert e at width ``widths[e]`` (see the module docstring)."""
 
     backend = "quantized"  # not "auto": MoE then never routes training calls through the compiled layer
+    decode_step_ready = True  # moekit.model.decode's fast step may call the MoE layer holding these (decode below)
+    routed_decode = False  # MoE's one-kernel router + experts (ROUTED_DECODE) reads dense stacks: route, then decode
 
     def __init__(self, like: Experts, widths: list[int], stacks: dict[int, tuple[QuantizedTensor, QuantizedTensor]]):
         super().__init__()
@@ -200,10 +208,64 @@ class QuantizedExperts(nn.Module):
         return out_AD
 
     def decode_eligible(self, x_TD: Tensor, top_k: int) -> bool:
-        return False  # see the module docstring: the routed decode kernel would need every expert's dense weights
+        """A few fp32 tokens without autograd, every stack in a layout the packed-weight kernel reads."""
+        stacks = self._packed_stacks()
+        return (x_TD.shape[0] * top_k <= kernels.MAX_ROWS and not torch.is_grad_enabled()
+                and compute_dtype(x_TD) == torch.float32 and x_TD.device.type == "cpu" and stacks is not None
+                and kernels.applies(x_TD, stacks[0][1]))
+
+    def _packed_stacks(self) -> list[tuple[int, QuantizedTensor, QuantizedTensor]] | None:
+        """(width, w_in, w_out) of every stack, or None where one is not a kernel layout; built once per set of
+        buffers (a ``QuantizedTensor`` validates its parts when made: not per decode token)."""
+        key = tuple(id(m.packed) for m in (*self.w_in.values(), *self.w_out.values()))
+        cached = self.__dict__.get("_stacks")
+        if cached is None or cached[0] != key:
+            stacks = [(int(k[1:]), self.w_in[k].qt, self.w_out[k].qt) for k in self.w_in]
+            ok = all(kernels.layout_applies(q) for _, a, b in stacks for q in (a, b))
+            cached = (key, stacks if ok else None)
+            self.__dict__["_stacks"] = cached
+        return cached[1]
 
     def decode(self, x_TD: Tensor, topk_idx_TK: Tensor, topk_weight_TK: Tensor) -> Tensor:
-        """out_t = sum_k w_tk expert_{e_tk}(x_t), reading only the chosen experts."""
+        """out_t = sum_k w_tk expert_{e_tk}(x_t), reading only the chosen experts' packed rows: each width's stack
+        takes the rows routed to it (the others get index -1 and are skipped), no host read of the routing."""
+        if self.decode_eligible(x_TD, topk_idx_TK.shape[-1]):
+            return self._decode_packed(x_TD.detach().float(), topk_idx_TK, topk_weight_TK)
+        return self._decode_dequantized(x_TD, topk_idx_TK, topk_weight_TK)
+
+    def _slots(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(width, index in that width's stack) of every expert, as tensors (built once)."""
+        cached = self.__dict__.get("_slot_tensors")
+        if cached is None or cached[0].device != device:
+            cached = (torch.tensor([b for b, _ in self.slot], device=device),
+                      torch.tensor([j for _, j in self.slot], device=device))
+            self.__dict__["_slot_tensors"] = cached
+        return cached
+
+    def _decode_packed(self, x_TD: Tensor, topk_idx_TK: Tensor, topk_weight_TK: Tensor) -> Tensor:
+        T, K = topk_idx_TK.shape
+        width_E, slot_E = self._slots(x_TD.device)
+        e_R = topk_idx_TK.reshape(-1) - (self.expert_offset or 0)  # (a shard's ids start at its offset)
+        width_R, slot_R = width_E[e_R], slot_E[e_R]
+        stacks = self._packed_stacks()
+        h_RI = None
+        idx_of = {}
+        for b, q_in, _ in stacks:  # one call per width (one in a uniform model): rows of other widths skipped
+            idx_of[b] = idx = slot_R if len(stacks) == 1 else torch.where(width_R == b, slot_R, -1)
+            part = kernels.q_experts_matvec(x_TD, q_in, idx)
+            h_RI = part if h_RI is None else h_RI + part
+        if self.b_in is not None:
+            h_RI = h_RI + self.b_in[e_R].float()
+        a_RF = activate(h_RI, self.activation, self.limit, self.alpha)
+        y_RD = None
+        for b, _, q_out in stacks:
+            part = kernels.q_experts_matvec(a_RF, q_out, idx_of[b])
+            y_RD = part if y_RD is None else y_RD + part
+        if self.b_out is not None:
+            y_RD = y_RD + self.b_out[e_R].float()
+        return (y_RD.view(T, K, self.dim) * topk_weight_TK.float()[..., None]).sum(1)
+
+    def _decode_dequantized(self, x_TD: Tensor, topk_idx_TK: Tensor, topk_weight_TK: Tensor) -> Tensor:
         x_TD = x_TD.detach().to(compute_dtype(x_TD))
         out_TD = x_TD.new_zeros(x_TD.shape[0], self.dim)
         for e in torch.unique(topk_idx_TK).tolist():

@@ -71,6 +71,8 @@ class MLP(nn.Module):
 
 
 class Experts(nn.Module):
+    routed_decode = True  # MoE may run the router and these experts as one decode kernel (ROUTED_DECODE)
+
     def __init__(self, n_experts: int, dim: int, ffn_dim: int, activation: str = "swiglu", backend: str = "auto",
                  bias: bool = False, swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702):
         super().__init__()

@@ -93,7 +93,7 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, self.dim)
         decode = (self.dispatcher is None and self.config.capacity_factor is None
                   and self.experts.decode_eligible(x_TD, self.config.top_k))
-        if decode and not aux and not self.router.noisy:                # generation: route + experts, one kernel
+        if decode and not aux and not self.router.noisy and self.experts.routed_decode:  # generation: one kernel
             out_TD = self._routed_decode(x_TD)
             if out_TD is not None:
                 return MoEOutput(self._add_shared(out_TD.to(x.dtype), x_TD).view(x.shape), None, None, None)

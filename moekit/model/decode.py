@@ -137,7 +137,8 @@ def _supported(block) -> bool:
         return False
     ffn = block.ffn
     if isinstance(ffn, MoE):
-        return type(ffn.experts) is Experts and ffn.dispatcher is None
+        # dense experts, or ones that declare their own few-token path (compressed experts read packed weights)
+        return (type(ffn.experts) is Experts or getattr(ffn.experts, "decode_step_ready", False)) and ffn.dispatcher is None
     return type(ffn) is MLP
 
 

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from moekit.compress import kernels
 from moekit.compress.modules import (QuantizedExperts, QuantizedLinear, QuantizedMLP, dequantize_model_,
                                      quantize_model_, quantized_modules)
 from moekit.compress.quantize import QuantSpec, quantize_rtn
@@ -86,7 +87,9 @@ def test_quantized_experts_through_moe_equal_the_float64_reference(seed, tokens)
         for aux in (True, False):
             assert torch.allclose(moe(x, aux=aux).out, ref, rtol=1e-10, atol=1e-10)
         moe32 = copy.deepcopy(moe).float()
-        assert torch.allclose(moe32(x.float(), aux=False).out.double(), ref, rtol=1e-4, atol=1e-4)
+        # a few fp32 rows take the packed-weight kernel (moekit.compress.kernels), which rounds x to int8 blocks
+        tol = 3e-2 * ref.abs().max().item() if tokens <= kernels.MAX_ROWS and kernels.matvec.available() else 1e-4
+        assert torch.allclose(moe32(x.float(), aux=False).out.double(), ref, rtol=tol, atol=tol)
 
 
 def test_decode_reads_only_the_chosen_experts_and_matches_the_reference():
