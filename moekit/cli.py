@@ -275,12 +275,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from moekit.compress import compress
 
-    res = compress(args.src, args.dst, bits=args.bits, method=args.method,
-                   group_size=None if args.group_size == "row" else int(args.group_size), calib=args.calib,
-                   mixed=not args.uniform, symmetric=args.symmetric, scope=args.scope,
-                   quantize_dense=args.dense, dense_bits=args.dense_bits,
-                   calibrate_all_experts=args.calibrate_all_experts, act_order=args.act_order,
-                   calib_sequences=args.calib_sequences, seed=args.seed, progress=not args.json)
+    common = dict(method=args.method, group_size=None if args.group_size == "row" else int(args.group_size),
+                  calib=args.calib, symmetric=args.symmetric, scope=args.scope, quantize_dense=args.dense,
+                  dense_bits=args.dense_bits, calibrate_all_experts=args.calibrate_all_experts,
+                  act_order=args.act_order, calib_sequences=args.calib_sequences, progress=not args.json)
+    if args.sweep is not None:
+        from moekit.compress.sweep import parse_budgets, report_markdown, sweep
+
+        if args.dst is not None or args.out is None or args.bits is not None:
+            raise SystemExit("moekit compress --sweep: give SRC and --out DIR (no DST, no --bits: the budgets are "
+                             "--sweep's)")
+        results = sweep(args.src, args.out, parse_budgets(args.sweep), seeds=args.seeds,
+                        decode_tokens=args.decode_tokens, plots=not args.no_plots,
+                        command="moekit " + " ".join(sys.argv[1:]), **common)
+        print(json.dumps(results, indent=2) if args.json else report_markdown(results))
+        return 0
+    if args.dst is None or args.bits is None:
+        raise SystemExit("moekit compress: give SRC DST --bits B (or SRC --sweep B1,B2,... --out DIR)")
+    res = compress(args.src, args.dst, bits=args.bits, mixed=not args.uniform, seed=args.seed, **common)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
         return 0
@@ -429,8 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "zeros included; --mixed (default) gives each expert its own width by an exact "
                                    "allocation on measured errors. The destination is written atomically.")
     p.add_argument("src", help="source checkpoint (a moekit run/checkpoint or a Hugging Face MoE directory)")
-    p.add_argument("dst", help="destination directory (the compressed checkpoint)")
-    p.add_argument("--bits", type=POSITIVE_FLOAT, required=True, help="average effective bits per quantized weight")
+    p.add_argument("dst", nargs="?", help="destination directory (the compressed checkpoint); not with --sweep")
+    p.add_argument("--bits", type=POSITIVE_FLOAT, help="average effective bits per quantized weight")
+    p.add_argument("--sweep", help="compress at each of these budgets instead (e.g. 8,4,3,2.5,2), uniform and mixed, "
+                                   "and write a report into --out (report.md, results.json, plots)")
+    p.add_argument("--out", help="--sweep: the report directory (must not exist)")
+    p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="--sweep: calibration seeds per mixed run (default 1)")
+    p.add_argument("--decode-tokens", dest="decode_tokens", type=POSITIVE_INT, default=16,
+                   help="--sweep: timed decode tokens per model (default 16)")
+    p.add_argument("--no-plots", dest="no_plots", action="store_true", help="--sweep: no PNGs (no matplotlib needed)")
     p.add_argument("--method", choices=["rtn", "hqq", "gptq"], default="rtn",
                    help="rtn (round to nearest), hqq (calibration-free), gptq (needs --calib); default rtn")
     p.add_argument("--group-size", dest="group_size", choices=["32", "64", "128", "row"], default="128",

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.model.costs import format_bytes, format_count, format_flops
+from moekit.plotting import require_matplotlib
 
 LABELS = {"moe": "MoE", "dense_active": "dense (same active params)", "dense_total": "dense (same total params)"}
 
@@ -25,17 +26,6 @@ AXES: list[tuple[str, str, Any, str | None]] = [
     ("prefill_tokens_per_s", "batched prefill (tokens/s)", lambda v: f"{v:,.0f}", "high"),
     ("peak_memory_bytes", "peak memory", format_bytes, "low"),
 ]
-
-
-def require_matplotlib():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install 'moekit[plot]' (or pass --no-plots)") from e
-    return plt
 
 
 TIE = 0.02  # relative differences under 2% are reported as ties: below this machine's run-to-run noise

@@ -188,7 +188,7 @@ def _compare(model_config: ModelConfig, train_config: TrainConfig | None, data: 
     if model_config.moe is None:
         raise ValueError("model_config.moe: compare needs an MoE config (its dense twins are derived from it)")
     if plots:
-        from moekit.compare.report import require_matplotlib
+        from moekit.plotting import require_matplotlib
 
         require_matplotlib()
     tc = train_config or TrainConfig()

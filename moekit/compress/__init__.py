@@ -7,11 +7,14 @@
     layer_quant.py  one layer's weights through a method, and the layer-output error each width costs
     allocate.py     per-expert widths under an effective-bits budget: an exact dynamic program
     modules.py      execution from packed weights (QuantizedExperts / QuantizedMLP / QuantizedLinear), model swap
+    kernels.py      the few-row products straight from packed 2/4/8-bit codes (hand-written AVX2 C++, decode)
     checkpoint.py   the compressed checkpoint directory: save (atomic), load (memory-mapped, validated)
     runner.py       compress(src, dst, bits, ...) -> CompressResult, the function behind the CLI verb
+    sweep.py        sweep(src, out, budgets, ...): uniform against mixed at several budgets, report and plots
 
 Imports: ``moekit.config``, ``moekit.host``, ``moekit.layer``, ``moekit.model``, ``moekit.formats``,
-``moekit.upcycling``, ``moekit.parallel`` and ``moekit.train`` (the stages below it); nothing below imports this.
+``moekit.upcycling``, ``moekit.parallel``, ``moekit.train`` (the stages below it) and ``moekit.plotting``;
+nothing below imports this.
 """
 
 from moekit.compress.checkpoint import (CompressedCheckpointError, is_compressed_checkpoint, load_compressed,
