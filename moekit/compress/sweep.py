@@ -213,12 +213,17 @@ def write_plots(results: dict[str, Any], directory: Path) -> None:
     plt.close(fig)
     mixed = [r for r in results["runs"] if r["allocation"] == "mixed" and r["seed"] == 0 and r["expert_widths"]]
     if mixed:
-        fig, axes = plt.subplots(1, len(mixed), figsize=(3.2 * len(mixed), 3), squeeze=False)
-        for ax, r in zip(axes[0], mixed):
+        fig, axes = plt.subplots(1, len(mixed), figsize=(2.8 * len(mixed) + 1, 3), squeeze=False,
+                                 constrained_layout=True)
+        for i, (ax, r) in enumerate(zip(axes[0], mixed)):
+            layers, experts = len(r["expert_widths"]), len(r["expert_widths"][0])
             im = ax.imshow(r["expert_widths"], aspect="auto", cmap="viridis", vmin=2, vmax=8)
-            ax.set_title(f"{r['bits']:g} bits (eff {r['effective_bits']:.2f})")
+            ax.set_title(f"budget {r['bits']:g} (eff {r['effective_bits']:.2f})", fontsize=9)
+            ax.set_xticks(range(0, experts, max(1, experts // 8)))
+            ax.set_yticks(range(layers))
             ax.set_xlabel("expert")
-            ax.set_ylabel("MoE layer")
-        fig.colorbar(im, ax=axes[0].tolist(), label="bits")
+            if i == 0:
+                ax.set_ylabel("MoE layer")
+        fig.colorbar(im, ax=axes[0].tolist(), label="bits", ticks=[2, 3, 4, 8])
         fig.savefig(directory / "widths.png", dpi=120)
         plt.close(fig)
