@@ -96,11 +96,11 @@ template <int WBF16>
 static void experts(const void* w, const float* x, const int64_t* idx, float* out, int64_t R, int64_t O, int64_t D,
                     int64_t x_div) {
     const int64_t esz = WBF16 ? 2 : 4;
-    #pragma omp parallel for schedule(static)
-    for (int64_t ro = 0; ro < R * O; ++ro) {
-        const int64_t r = ro / O, o = ro % O;
+    // (two loops collapsed, not one over R * O: no division per weight row)
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t r = 0; r < R; ++r) for (int64_t o = 0; o < O; ++o) {
         const char* w_row = static_cast<const char*>(w) + (idx[r] * O + o) * D * esz;
-        out[ro] = dot_row<WBF16>(w_row, x + (r / x_div) * D, D);
+        out[r * O + o] = dot_row<WBF16>(w_row, x + (r / x_div) * D, D);
     }
 }
 
