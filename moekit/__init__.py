@@ -11,6 +11,7 @@ ones before it):
     parallel/           expert + data parallelism on torch.distributed
     train/              data, trainer, training checkpoints, evaluation
     compress/           quantized experts with per-expert widths (``moekit compress``; ``moekit.compress.compress``)
+    serve/              the batched generation engine and the OpenAI-compatible server (``moekit serve``)
     compare/            ``moekit compare`` and its report
     cli.py              the command line: verbs mapped to the functions above
 """

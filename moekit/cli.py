@@ -7,6 +7,8 @@
     moekit costs     parameters, FLOPs and memory of a preset, config or checkpoint      (moekit.model.costs.costs)
     moekit convert   Hugging Face <-> moekit checkpoints                                 (moekit.formats.hf.convert)
     moekit upcycle   a dense checkpoint into an MoE one                                  (moekit.upcycle.upcycle)
+    moekit compress  quantized experts, a width per expert                               (moekit.compress.compress)
+    moekit serve     an OpenAI-compatible HTTP server over the batching engine           (moekit.serve.server.serve)
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ POSITIVE_INT = _number(int, lambda v: v >= 1, "an integer >= 1")
 NONNEGATIVE_INT = _number(int, lambda v: v >= 0, "an integer >= 0")
 POSITIVE_FLOAT = _number(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
 NONNEGATIVE_FLOAT = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+PORT = _number(int, lambda v: 0 <= v <= 65535, "a port number in 0..65535")
 
 
 def _parse_value(text: str) -> Any:
@@ -326,6 +329,15 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from moekit.serve.server import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+          kv_cache_gb=args.kv_cache_gb, max_queue=args.max_queue, dtype=args.dtype, model_name=args.model_name,
+          drain_timeout=args.drain_timeout)
+    return 0
+
+
 def _config_of_checkpoint(path: str):
     """The config of a checkpoint directory (moekit or Hugging Face) or of a config.json file."""
     from moekit.config import ModelConfig
@@ -495,6 +507,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["hf", "moekit"], default="moekit", help="output format (default moekit)")
     p.add_argument("--arch", help="Hugging Face architecture for --to hf (default: mixtral-compatible)")
     p.set_defaults(func=cmd_upcycle)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
+                       description="Continuous batching behind /v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health and /metrics (needs pip install 'moekit[serve]'). SIGINT/SIGTERM drain "
+                                   "the requests in flight, then exit.")
+    p.add_argument("checkpoint", help="run or checkpoint directory (moekit, Hugging Face or compressed)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=PORT, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", dest="max_batch", type=POSITIVE_INT, default=16,
+                   help="sequences decoded together: the KV slots (default 16)")
+    p.add_argument("--max-seq-len", dest="max_seq_len", type=POSITIVE_INT, help="context served (default: the model's)")
+    p.add_argument("--kv-cache-gb", dest="kv_cache_gb", type=POSITIVE_FLOAT,
+                   help="KV cache budget in GiB: as many slots as fit, at most --max-batch (default: --max-batch)")
+    p.add_argument("--max-queue", dest="max_queue", type=POSITIVE_INT, default=64,
+                   help="requests waiting for a slot before new ones get 429 (default 64)")
+    p.add_argument("--drain-timeout", dest="drain_timeout", type=NONNEGATIVE_FLOAT, default=30.0,
+                   help="seconds the requests in flight get to finish on shutdown (default 30)")
+    p.add_argument("--model-name", dest="model_name", help="the model clients ask for (default: the checkpoint's name)")
+    _add_inference_dtype_arg(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import moekit
-from moekit.cli import NONNEGATIVE_FLOAT, NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, build_parser
+from moekit.cli import NONNEGATIVE_FLOAT, NONNEGATIVE_INT, PORT, POSITIVE_FLOAT, POSITIVE_INT, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-VERBS = ["compare", "train", "generate", "eval", "costs", "convert", "compress", "upcycle"]
+VERBS = ["compare", "train", "generate", "eval", "costs", "convert", "compress", "upcycle", "serve"]
 
 
 def _moekit(*args, cwd=ROOT, timeout=300):
@@ -117,9 +117,10 @@ def test_cli_upcycle_convert_costs_on_hf_checkpoint(tmp_path):
 
 # the positional arguments each verb needs before a flag can be checked on its own
 _REQUIRED = {"train": ["--out", "x"], "generate": ["ckpt"], "eval": ["ckpt"], "convert": ["a", "b", "--to", "hf"],
-             "upcycle": ["a", "b"], "compare": [], "costs": [], "compress": ["a", "b", "--bits", "4"]}
+             "upcycle": ["a", "b"], "compare": [], "costs": [], "compress": ["a", "b", "--bits", "4"],
+             "serve": ["ckpt"]}
 _BAD = {POSITIVE_INT.expects: "0", NONNEGATIVE_INT.expects: "-1", POSITIVE_FLOAT.expects: "0",
-        NONNEGATIVE_FLOAT.expects: "-0.5"}
+        NONNEGATIVE_FLOAT.expects: "-0.5", PORT.expects: "65536"}
 
 
 def _numeric_flags():

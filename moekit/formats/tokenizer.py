@@ -70,6 +70,11 @@ class Tokenizer(ABC):
         """The end-of-text id appended after each document, or ``None`` when there is none."""
         return None
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The ``tokenizer_config.json`` fields it was loaded with (a copy; e.g. ``chat_template``, ``bos_token``)."""
+        return {}
+
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Ids of ``text``; never adds BOS/EOS tokens."""
@@ -165,6 +170,10 @@ class BPETokenizer(Tokenizer):
     @property
     def eot_id(self) -> int | None:
         return self._eot_id
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)
 
     @property
     def hf_tokenizer(self) -> Any:

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from moekit.layer.dispatch import DispatchPlan
 from moekit.layer.ffn import activate, compute_dtype, ffn, ffn_in_width, needs_grad
 from moekit.layer.kernels.custom_op import experts_ffn_op
-from moekit.layer.kernels.decode import DECODE_KERNEL, DECODE_MAX_ROWS, decode_eager, decode_one_ffn, mlp_kernel_rows
+from moekit.layer.kernels.decode import (DECODE_KERNEL, decode_eager, decode_one_ffn, decode_rows_limit,
+                                         mlp_kernel_rows)
 from moekit.layer.kernels.select import select_backend
 from moekit.layer.kernels.sorted_rows import ActSpec, Segments, experts_ffn
 
@@ -156,7 +157,9 @@ class Experts(nn.Module):
 
     def decode_eligible(self, x_TD: Tensor, top_k: int) -> bool:
         """Can ``decode`` run this call? A few tokens (generation), no autograd, CPU, loop or auto."""
-        if self.backend not in ("auto", "loop") or x_TD.device.type != "cpu" or x_TD.shape[0] * top_k > DECODE_MAX_ROWS:
+        if self.backend not in ("auto", "loop") or x_TD.device.type != "cpu":
+            return False
+        if x_TD.shape[0] * top_k > decode_rows_limit(self.w_in, self.w_out):
             return False
         return not needs_grad(x_TD, self)
 

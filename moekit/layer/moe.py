@@ -62,6 +62,9 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
         # moekit.parallel.AllToAllDispatcher once shard_model spreads the experts over processes
         self.dispatcher = None
+        # [E] int64 running count of the router's assignments, set by a caller that watches inference (moekit.serve:
+        # expert load over served tokens); None counts nothing. Added on the device, never read in forward.
+        self.load_counter_E: Tensor | None = None
 
     def forward(self, x: Tensor, aux: bool = True) -> MoEOutput:
         """``aux=False`` (inference: generation, serving) skips the balancing losses and routing statistics,
@@ -94,10 +97,13 @@ class MoE(nn.Module):
         decode = (self.dispatcher is None and self.config.capacity_factor is None
                   and self.experts.decode_eligible(x_TD, self.config.top_k))
         if decode and not aux and not self.router.noisy and self.experts.routed_decode:  # generation: one kernel
-            out_TD = self._routed_decode(x_TD)
-            if out_TD is not None:
+            res = self._routed_decode(x_TD)
+            if res is not None:
+                out_TD, topk_idx_TK = res
+                self._count_load(topk_idx_TK)
                 return MoEOutput(self._add_shared(out_TD.to(x.dtype), x_TD).view(x.shape), None, None, None)
         routing = self.router(x_TD)                                     # route
+        self._count_load(routing.topk_idx_TK)
         if decode:
             return self._decode(x, x_TD, routing, aux)
         plan = plan_dispatch(routing, self.config)                      # dispatch: sort rows by expert
@@ -122,9 +128,14 @@ class MoE(nn.Module):
             out_TD = out_TD + shared_TD.to(out_TD.dtype)
         return out_TD
 
-    def _routed_decode(self, x_TD: Tensor) -> Tensor | None:
-        """The router and the experts on a few tokens in one compiled call (``ROUTED_DECODE``), or None
-        where it cannot run (then the router and ``_decode`` run separately)."""
+    def _count_load(self, topk_idx_TK: Tensor) -> None:
+        if self.load_counter_E is not None:  # (inference that watches the expert load: moekit.serve)
+            idx_A = topk_idx_TK.reshape(-1)
+            self.load_counter_E.index_add_(0, idx_A, torch.ones_like(idx_A))
+
+    def _routed_decode(self, x_TD: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The router and the experts on a few tokens in one compiled call (``ROUTED_DECODE``): the output and the
+        chosen experts, or None where it cannot run (then the router and ``_decode`` run separately)."""
         r, ex = self.router, self.experts
         return ROUTED_DECODE(
             (x_TD.detach(), r.weight.detach(), None if r.bias is None else r.bias.detach(), r.expert_bias,

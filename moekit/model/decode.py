@@ -39,7 +39,11 @@ from moekit.layer.experts import MLP, Experts
 from moekit.layer.moe import MoE
 from moekit.model.transformer import Attention, KVCache, Transformer, apply_rope, attend, rms_norm
 
-FAST_MAX_ROWS = 8  # B * S up to which the step runs through the kernels (decode and short batched steps)
+# B * S up to which the step runs through the kernels (decode, batched decode of served sequences, short steps):
+# their products read each weight row once for all rows, and up to 32 rows they beat MKL's small GEMMs, whose
+# per-call overhead dominates at these sizes (preset small, 16 rows: 6.0 against 18.9 ms a step on an AMD EPYC
+# AVX2 host; benchmarks/RESULTS.md "Serving")
+FAST_MAX_ROWS = 32
 
 
 def linear_rows(x_TD: Tensor, w_OD: Tensor, b_O: Tensor | None = None) -> Tensor:

@@ -185,7 +185,7 @@ def test_batched_tails_match_reference_in_float64(monkeypatch, threads, case, mo
 
 def test_expert_threads_carry_inference_and_grad_mode(two_threads):
     layer = _layer("loop")
-    x = _x((3, 5))
+    x = _x((8, 10))  # past the few-token decode path (decode_rows_limit): the expert threads run
     with torch.no_grad():
         ref = layer(x).out
     with torch.inference_mode():  # buffers made in inference mode are written by the workers
@@ -199,7 +199,7 @@ def test_scratch_made_under_inference_mode_serves_training_later(two_threads):
     still be writable by a later training step outside it."""
     release_scratch()
     layer = _layer("loop")
-    x = _x((3, 5))
+    x = _x((8, 10))  # past the few-token decode path (decode_rows_limit), which needs no scratch
     with torch.inference_mode():
         layer(x)  # allocates the forward's scratch
     assert SCRATCH.buffers and not any(b.is_inference() for b in SCRATCH.buffers.values())

@@ -256,7 +256,9 @@ def test_aux_false_same_logits_no_losses_or_stats():
     ids, targets = _ids(2, 9, cfg.vocab_size), _ids(2, 9, cfg.vocab_size, seed=1)
     with torch.no_grad():
         full, lean = model(ids, targets), model(ids, targets, aux=False)
-        torch.testing.assert_close(lean.logits, full.logits, rtol=0, atol=0)
+        # (18 tokens of a small layer take the few-token path: aux=False runs the router and the experts as one
+        # compiled kernel, aux=True as two calls, so fp32 rounding may differ in the last bit)
+        torch.testing.assert_close(lean.logits, full.logits, rtol=1e-5, atol=1e-6)
         assert lean.aux_loss is None and lean.z_loss is None and lean.stats == [None, None, None]
         assert full.aux_loss > 0 and float(lean.loss) == float(lean.lm_loss) == float(full.lm_loss)
         cache = KVCache(cfg, batch=2)

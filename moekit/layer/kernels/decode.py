@@ -20,6 +20,18 @@ from moekit.layer.kernels.sorted_rows import ActSpec
 from moekit.layer.router import RouteSpec, route, router_logits
 
 DECODE_MAX_ROWS = 16  # token-expert rows up to which an inference call skips the dispatch plan (Experts.decode)
+# ... and up to which it does so when all of a layer's experts fit CACHED_EXPERT_BYTES: the kernel reads an expert
+# once per (token, expert) pair, which costs last-level-cache bandwidth there, not DRAM, while the dispatch plan's
+# per-expert GEMMs cost 30-50 us each in MKL's small-matrix overhead on an AMD EPYC AVX2 host (preset small, 16
+# sequences decoding together: 6.0 against 18.9 ms a step, benchmarks/RESULTS.md "Serving")
+DECODE_MAX_ROWS_CACHED = 64
+CACHED_EXPERT_BYTES = 16 * 2**20
+
+
+def decode_rows_limit(w_in_EID: Tensor, w_out_EDF: Tensor) -> int:
+    """Token-expert rows up to which few-token inference runs the decode kernel for these expert weights."""
+    nbytes = w_in_EID.numel() * w_in_EID.element_size() + w_out_EDF.numel() * w_out_EDF.element_size()
+    return DECODE_MAX_ROWS_CACHED if nbytes <= CACHED_EXPERT_BYTES else DECODE_MAX_ROWS
 
 
 def experts_decode(x_TD: Tensor, idx_TK: Tensor, weight_TK: Tensor, w_in_EID: Tensor, w_out_EDF: Tensor,
@@ -137,12 +149,15 @@ def decode_eager(x_TD: Tensor, topk_idx_TK: Tensor, topk_weight_TK: Tensor, w_in
 
 def route_and_decode(x_TD: Tensor, router_w_ED: Tensor, router_b_E: Tensor | None, expert_bias_E: Tensor | None,
                       w_in_EID: Tensor, w_out_EDF: Tensor, b_in_EI: Tensor | None, b_out_ED: Tensor | None,
-                      spec: RouteSpec, dtype: torch.dtype, activation: str, limit: float, alpha: float) -> Tensor:
+                      spec: RouteSpec, dtype: torch.dtype, activation: str, limit: float,
+                      alpha: float) -> tuple[Tensor, Tensor]:
     """Route (``Router`` without training noise) and run the chosen experts (``experts.experts_decode``)
-    for a few tokens: the same values as the two run separately; compiled, one call per MoE layer."""
+    for a few tokens: the same values as the two run separately; compiled, one call per MoE layer. Returns the
+    output and the chosen experts ``topk_idx_TK`` (for a caller that counts the expert load)."""
     routing = route(router_logits(x_TD, router_w_ED, router_b_E), spec, expert_bias_E)
-    return experts_decode(x_TD.to(dtype), routing.topk_idx_TK, routing.topk_weight_TK, w_in_EID, w_out_EDF,
-                          b_in_EI, b_out_ED, activation, limit, alpha)
+    out_TD = experts_decode(x_TD.to(dtype), routing.topk_idx_TK, routing.topk_weight_TK, w_in_EID, w_out_EDF,
+                            b_in_EI, b_out_ED, activation, limit, alpha)
+    return out_TD, routing.topk_idx_TK
 
 
 # one call per MoE layer and generated token: torch.compile's own per-call cost would be as large as the router
