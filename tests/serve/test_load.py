@@ -5,12 +5,10 @@ slot free, nothing queued) and the process's resident memory grew by less than a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import json
 import random
-import socket
 import sys
 import threading
 import time
@@ -23,7 +21,7 @@ for _name in ("fastapi", "uvicorn", "httpx"):
     pytest.importorskip(_name, reason=f"the load test needs {_name} (pip install 'moekit[serve]' httpx)")
 
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
+from live_server import live_server  # noqa: E402
 
 from moekit.formats.tokenizer import ByteTokenizer  # noqa: E402
 from moekit.model.generate import sample_tokens  # noqa: E402
@@ -31,7 +29,6 @@ from moekit.model.presets import PRESETS  # noqa: E402
 from moekit.model.transformer import Transformer  # noqa: E402
 from moekit.serve.chat import DEFAULT_STOP, ChatTemplate  # noqa: E402
 from moekit.serve.engine import Engine, EngineConfig  # noqa: E402
-from moekit.serve.server import create_app  # noqa: E402
 
 TOK = ByteTokenizer()
 PROMPTS = ["def ", "class A:", "import os\n", "for i in", "x = [", "# a comment", "while True:", "return "]
@@ -44,25 +41,6 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-@contextlib.contextmanager
-def live_server(engine):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny"), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        engine.shutdown(drain=False)
 
 
 def cut_at_markers(text: str) -> tuple[str, str]:
@@ -163,7 +141,8 @@ def test_loopback_load_every_answer_exact_no_5xx_engine_idle_memory_bounded():
             local.http = httpx.Client(base_url=url, timeout=120)
         return local.http
 
-    with live_server(engine) as url:
+    with live_server(engine) as live:
+        url = live.url
         rng = random.Random(0)
         warm = [{"kind": "completion", "prompt": p, "max_tokens": MAX_TOKENS, "stream": False} for p in PROMPTS] * 2
         with ThreadPoolExecutor(16) as pool:  # warm-up: the kernels of every batch size compile here

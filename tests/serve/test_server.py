@@ -28,7 +28,7 @@ for _name in ("fastapi", "uvicorn", "openai", "httpx"):
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
+from live_server import live_server  # noqa: E402
 
 from moekit.formats.tokenizer import ByteTokenizer  # noqa: E402
 from moekit.model.generate import sample_tokens  # noqa: E402
@@ -36,7 +36,6 @@ from moekit.model.presets import PRESETS  # noqa: E402
 from moekit.model.transformer import Transformer  # noqa: E402
 from moekit.serve.chat import ChatTemplate  # noqa: E402
 from moekit.serve.engine import Engine, EngineConfig, EngineStopped, RequestOutput  # noqa: E402
-from moekit.serve.server import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOK = ByteTokenizer()
@@ -45,28 +44,6 @@ TOK = ByteTokenizer()
 def tiny_model(max_seq_len: int = 128) -> Transformer:
     torch.manual_seed(0)
     return Transformer(dataclasses.replace(PRESETS["tiny"](), max_seq_len=max_seq_len)).eval()
-
-
-@contextlib.contextmanager
-def live_server(engine, model_name: str = "tiny"):
-    """uvicorn serving ``create_app(engine)`` on 127.0.0.1 at a free port, in a thread; the engine shut down after."""
-    app = create_app(engine, model_name)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", app=app, engine=engine)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        if hasattr(engine, "shutdown"):
-            engine.shutdown(drain=False)
 
 
 def wait_until(cond, timeout: float = 20.0) -> None:
