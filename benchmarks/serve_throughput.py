@@ -10,9 +10,12 @@ same total parameters) and each concurrency c in ``--concurrency``: c clients, e
 requests one after the other (a closed loop: c requests are in flight at any time), greedy, ``--prompt-tokens``
 random prompt tokens and ``--max-tokens`` new tokens each (end-of-text ignored, so every request has the same
 length). Path ``engine``: the clients submit to a running ``moekit.serve.Engine`` (its own thread) in this process.
-Path ``http``: the same engine behind ``moekit serve``'s app (uvicorn on 127.0.0.1, in this process), clients
-streaming ``/v1/completions`` over httpx. Reported: output tokens/s (all completion tokens over the wall time),
-mean time to first token (client side), and the ratios c / c=1 and http / engine.
+Path ``http``: the same engine behind ``moekit serve``'s app (uvicorn on 127.0.0.1, in this process, as ``moekit
+serve`` runs it), clients streaming ``/v1/completions`` over httpx from a separate process (as vLLM's
+``benchmark_serving`` does: clients that shared the server's interpreter would take its GIL for their parsing, a
+cost no real deployment pays). Reported: output tokens/s (all completion tokens over the wall time),
+mean time to first token (client side), and the ratios c / c=1 and http / engine; each the median of
+``--repeats`` runs, the paths alternating (the host's speed drifts by tens of percent over a minute).
 
     python3 benchmarks/serve_throughput.py                          # preset small, random weights
     python3 benchmarks/serve_throughput.py --checkpoint runs/small/moe --dense-total
@@ -71,11 +74,12 @@ def run_engine(engine: Engine, prompts: list[list[int]], c: int, max_tokens: int
                 ttft.append(first)
                 tokens[0] += n
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(c) as pool:
         list(pool.map(client, shares))
-    wall = time.perf_counter() - t
-    return {"tokens": tokens[0], "seconds": wall, "tokens_per_s": tokens[0] / wall, "ttft_s": statistics.mean(ttft)}
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return {"tokens": tokens[0], "seconds": wall, "tokens_per_s": tokens[0] / wall, "ttft_s": statistics.mean(ttft),
+            "server_cpu_s": cpu}
 
 
 def _free_port() -> int:
@@ -87,13 +91,14 @@ def _free_port() -> int:
 class _Server:
     """``moekit serve``'s app on a uvicorn server in a background thread."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, stream_interval: int = 1):
         import uvicorn
 
         from moekit.serve.server import create_app
 
         self.port = _free_port()
-        config = uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=self.port, log_level="warning")
+        app = create_app(engine, "bench", stream_interval=stream_interval)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -105,7 +110,67 @@ class _Server:
         self.thread.join(timeout=30)
 
 
-def run_http(port: int, prompts: list[list[int]], c: int, max_tokens: int) -> dict:
+def run_http(port: int, prompts: list[list[int]], c: int, max_tokens: int, client: str = "raw") -> dict:
+    """The clients (:func:`raw_clients` or :func:`http_clients`) in a fresh process (spawned: it shares nothing
+    with the server's)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        cpu = time.process_time()
+        r = pool.apply(raw_clients if client == "raw" else http_clients, (port, prompts, c, max_tokens))
+        r["server_cpu_s"] = time.process_time() - cpu
+    if r["tokens"] != len(prompts) * max_tokens:  # (every request runs to max_tokens: end-of-text is ignored)
+        raise RuntimeError(f"the {client} clients counted {r['tokens']} tokens, not {len(prompts) * max_tokens}")
+    return r
+
+
+def raw_clients(port: int, prompts: list[list[int]], c: int, max_tokens: int) -> dict:
+    """c asyncio clients on bare sockets: each request a ``Connection: close`` HTTP/1.1 POST, its streamed reply read
+    to the end as bytes; the first token is the first read holding a chunk, the token count the usage chunk's.
+
+    Why not httpx: this host has 2 cores and the engine's kernels use both, so every cycle a client spends is taken
+    from the engine (a process burning 16% of one core cuts the engine's tokens/s by about 20% here). httpx decoding
+    every chunk's JSON costs about that much at c=16; these clients cost a fraction, as a load generator should
+    (``--client httpx`` measures with httpx all the same)."""
+    import re
+
+    usage_re = re.compile(rb'"completion_tokens":\s*(\d+)')
+
+    async def main() -> dict:
+        ttft: list[float] = []
+        tokens = [0]
+
+        async def one(share: list[list[int]]) -> None:
+            for p in share:
+                body = json.dumps({"model": "bench", "prompt": p, "max_tokens": max_tokens, "temperature": 0,
+                                   "stream": True, "ignore_eos": True,
+                                   "stream_options": {"include_usage": True}}).encode()
+                t0 = time.perf_counter()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                first, parts = None, []
+                while data := await reader.read(1 << 16):
+                    if first is None and b'"choices":[{' in data.replace(b" ", b""):
+                        first = time.perf_counter() - t0
+                    parts.append(data)
+                writer.close()
+                reply = b"".join(parts)
+                if not reply.startswith(b"HTTP/1.1 200") or b"data: [DONE]" not in reply:
+                    raise RuntimeError(f"bad reply: {reply[:300]!r}")
+                tokens[0] += int(usage_re.findall(reply)[-1])
+                ttft.append(first)
+
+        t, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(one(prompts[i::c]) for i in range(c)))
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+        return {"tokens": tokens[0], "seconds": wall, "tokens_per_s": tokens[0] / wall,
+                "ttft_s": statistics.mean(ttft), "client_cpu_s": cpu}
+
+    return asyncio.run(main())
+
+
+def http_clients(port: int, prompts: list[list[int]], c: int, max_tokens: int) -> dict:
     """c asyncio clients streaming /v1/completions (token-id prompts), one request after another each."""
     import httpx
 
@@ -134,11 +199,11 @@ def run_http(port: int, prompts: list[list[int]], c: int, max_tokens: int) -> di
                                 tokens[0] += chunk["usage"]["completion_tokens"]
                     ttft.append(first)
 
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             await asyncio.gather(*(one(prompts[i::c]) for i in range(c)))
-            wall = time.perf_counter() - t
+            wall, cpu = time.perf_counter() - t, time.process_time() - cpu
         return {"tokens": tokens[0], "seconds": wall, "tokens_per_s": tokens[0] / wall,
-                "ttft_s": statistics.mean(ttft)}
+                "ttft_s": statistics.mean(ttft), "client_cpu_s": cpu}
 
     return asyncio.run(main())
 
@@ -167,10 +232,14 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="a trained MoE checkpoint (its dense twins: random weights)")
     p.add_argument("--dense-total", action="store_true", help="also the dense twin with the same total parameters")
     p.add_argument("--concurrency", default="1,2,4,8,16,32")
-    p.add_argument("--paths", default="engine,http")
+    p.add_argument("--paths", default="engine,http,http:4",
+                   help="engine; http (a chunk per token); http:N (moekit serve --stream-interval N)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="the HTTP clients: bare sockets (light, the default) or httpx (decodes every chunk)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per (model, path, concurrency): the median is kept")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
@@ -183,28 +252,35 @@ def main() -> None:
         engine = Engine(model, ByteTokenizer() if model.config.vocab_size == 256 else None,
                         EngineConfig(max_batch=max(levels), max_queue=4 * max(levels)))
         engine.start()
-        server = _Server(engine) if "http" in paths else None
+        servers = {path: _Server(engine, int(path.partition(":")[2] or 1)) for path in paths if path != "engine"}
         try:
             warm = _prompts(max(levels), args.prompt_tokens, model.config.vocab_size, 99)
             run_engine(engine, warm, max(levels), 8)  # compile the decode kernels at every batch size seen
             for c in levels:
                 run_engine(engine, warm[:c], c, 4)
                 prompts = _prompts(c * args.requests_per_client, args.prompt_tokens, model.config.vocab_size, c)
-                for path in paths:
-                    r = (run_engine(engine, prompts, c, args.max_tokens) if path == "engine"
-                         else run_http(server.port, prompts, c, args.max_tokens))
-                    rows.append({"model": name, "path": path, "concurrency": c, **r})
-                    print(f"{name:13} {path:6} c={c:3}  {r['tokens_per_s']:8.1f} tok/s  ttft {r['ttft_s'] * 1e3:7.1f} ms",
-                          flush=True)
+                runs: dict[str, list[dict]] = {path: [] for path in paths}
+                for _ in range(args.repeats):  # the paths alternate, so a slow spell of the host hits both
+                    for path in paths:
+                        r = (run_engine(engine, prompts, c, args.max_tokens) if path == "engine"
+                             else run_http(servers[path].port, prompts, c, args.max_tokens, args.client))
+                        runs[path].append(r)
+                        print(f"{name:13} {path:6} c={c:3}  {r['tokens_per_s']:8.1f} tok/s  "
+                              f"ttft {r['ttft_s'] * 1e3:7.1f} ms  cpu s: server {r['server_cpu_s']:.2f} "
+                              f"clients {r.get('client_cpu_s', 0.0):.2f} wall {r['seconds']:.2f}", flush=True)
+                for path, rs in runs.items():
+                    mid = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]  # the median run
+                    rows.append({"model": name, "path": path, "concurrency": c, **mid,
+                                 "tokens_per_s_runs": [r["tokens_per_s"] for r in rs]})
         finally:
-            if server is not None:
+            for server in servers.values():
                 server.close()
             engine.shutdown(drain=False)
     base = {(r["model"], r["path"]): r["tokens_per_s"] for r in rows if r["concurrency"] == levels[0]}
     eng = {(r["model"], r["concurrency"]): r["tokens_per_s"] for r in rows if r["path"] == "engine"}
     for r in rows:
         r["vs_c1"] = r["tokens_per_s"] / base[(r["model"], r["path"])]
-        if r["path"] == "http" and (r["model"], r["concurrency"]) in eng:
+        if r["path"] != "engine" and (r["model"], r["concurrency"]) in eng:
             r["http_vs_engine"] = r["tokens_per_s"] / eng[(r["model"], r["concurrency"])]
     moe_eng = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["model"] == "moe" and r["path"] == "engine"}
     for r in rows:
@@ -212,7 +288,8 @@ def main() -> None:
             r["moe_vs_this"] = moe_eng[r["concurrency"]] / r["tokens_per_s"]
     print(f"\n{host.cpu_model} ({host.kind}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.prompt_tokens} prompt + {args.max_tokens} new tokens per request, greedy")
-    print(f"{'model':13} {'path':6} {'conc':>4} {'tok/s':>9} {'x c=1':>7} {'http/eng':>8} {'moe/this':>8} {'TTFT ms':>8}")
+    print(f"{'model':13} {'path':6} {'conc':>4} {'tok/s':>9} {'x c=1':>7} {'http/eng':>8} {'moe/this':>8} "
+          f"{'TTFT ms':>8}")
     for r in rows:
         print(f"{r['model']:13} {r['path']:6} {r['concurrency']:4d} {r['tokens_per_s']:9.1f} {r['vs_c1']:7.2f} "
               f"{r.get('http_vs_engine', float('nan')):8.2f} {r.get('moe_vs_this', float('nan')):8.2f} "
@@ -238,7 +315,8 @@ def _plot(rows: list[dict], path: Path) -> None:
         print("no matplotlib: no plot (pip install 'moekit[plot]')")
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for (model, path_), style in zip(sorted({(r["model"], r["path"]) for r in rows}), ["-o", "--o", "-s", "--s", "-^", "--^"]):
+    styles = ["-o", "--o", ":o", "-s", "--s", ":s", "-^", "--^", ":^"]
+    for (model, path_), style in zip(sorted({(r["model"], r["path"]) for r in rows}), styles):
         rs = [r for r in rows if r["model"] == model and r["path"] == path_]
         a.plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], style, label=f"{model} ({path_})")
         b.plot([r["concurrency"] for r in rs], [r["ttft_s"] * 1e3 for r in rs], style, label=f"{model} ({path_})")

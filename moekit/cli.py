@@ -169,6 +169,12 @@ def _add_inference_dtype_arg(p: argparse.ArgumentParser) -> None:
                         "without native bf16), bf16, fp32")
 
 
+def _add_expert_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-memory", dest="expert_memory", type=POSITIVE_FLOAT, metavar="GB",
+                   help="keep the routed experts on disk, read into a pool of GB GiB (LRU; the CPU; moekit "
+                        "checkpoints). Default: all in memory")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--corpus", default="stdlib",
@@ -212,7 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.benchmark:
         r = benchmark_generation(args.checkpoint, prompt_tokens=args.prompt_tokens, new_tokens=args.max_new_tokens,
-                                 rounds=args.rounds, dtype=args.dtype)
+                                 rounds=args.rounds, dtype=args.dtype, expert_memory_gb=args.expert_memory)
         if args.json:
             print(json.dumps(r, indent=2))
             return 0
@@ -228,10 +234,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
               + ")")
         print(f"  first round          {r['first_round_prompt_seconds']:8.2f} s prompt, "
               f"{r['first_round_decode_ms_per_token']:.1f} ms/token (compiles the kernels once per shape)")
+        if r["offload"]:
+            o = r["offload"]
+            print(f"  offloaded experts    {o['slots_per_layer']} slots per layer: hit rate {o['hit_rate']:.1%}, "
+                  f"{o['bytes_read'] / 2**20:,.1f} MiB read")
         return 0
 
     for piece in generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, seed=args.seed, dtype=args.dtype):
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed, dtype=args.dtype,
+                               expert_memory_gb=args.expert_memory):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -243,7 +254,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     res = eval_checkpoint(args.checkpoint, corpus=args.corpus, val_path=args.val, text_field=args.text_field,
                           batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches,
-                          cache_dir=args.cache_dir, dtype=args.dtype)
+                          cache_dir=args.cache_dir, dtype=args.dtype, expert_memory_gb=args.expert_memory)
     print(json.dumps(res, indent=2) if args.json else
           f"val loss {res['val_loss']:.4f} nats/token, perplexity {res['perplexity']:.2f}, "
           f"{res['bits_per_byte']:.4f} bits/byte over {res['tokens']:,} tokens")
@@ -334,7 +345,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.checkpoint, host=args.host, port=args.port, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
           kv_cache_gb=args.kv_cache_gb, max_queue=args.max_queue, dtype=args.dtype, model_name=args.model_name,
-          drain_timeout=args.drain_timeout)
+          drain_timeout=args.drain_timeout, stream_interval=args.stream_interval,
+          expert_memory_gb=args.expert_memory)
     return 0
 
 
@@ -396,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample among the k most likely (default 50)")
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=None, help="sampling seed")
     _add_inference_dtype_arg(p)
+    _add_expert_memory_arg(p)
     p.add_argument("--benchmark", action="store_true",
                    help="instead of text: time the prompt pass and decode on a random prompt and print tokens/s and "
                         "the share of the host's read bandwidth decode reaches (--max-new-tokens decode steps)")
@@ -420,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", dest="cache_dir", help="token cache directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_inference_dtype_arg(p)
+    _add_expert_memory_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("costs", help="parameters, FLOPs/token, memory of a preset, config or checkpoint",
@@ -525,7 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", dest="drain_timeout", type=NONNEGATIVE_FLOAT, default=30.0,
                    help="seconds the requests in flight get to finish on shutdown (default 30)")
     p.add_argument("--model-name", dest="model_name", help="the model clients ask for (default: the checkpoint's name)")
+    p.add_argument("--stream-interval", dest="stream_interval", type=POSITIVE_INT, default=1,
+                   help="tokens per streamed chunk, at least (default 1; more: fewer writes, more engine time)")
     _add_inference_dtype_arg(p)
+    _add_expert_memory_arg(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "moekit"
 
-STAGES = ["config", "host", "layer", "model", "formats", "upcycling", "parallel", "train", "compress", "serve", "compare", "cli"]
+STAGES = ["config", "host", "layer", "model", "formats", "offload", "upcycling", "parallel", "train", "compress", "serve", "compare", "cli"]
 STAGE_OF_TOP = {"config": 0, "host": 0, "plotting": 0, "__init__": len(STAGES), "__main__": len(STAGES)}
 
 # (importing module, imported module prefix, enclosing function): the thin format methods on the model

@@ -13,30 +13,30 @@ last chunk with ``usage`` and no choices). Status codes: 400 for a bad field or 
 when the engine's queue is full; 503 while shutting down; 500 only for the one request the engine failed on (the
 server keeps serving). Every error body is OpenAI's ``{"error": {...}}``.
 
-Each choice is one engine request. Its events come from the engine thread through ``loop.call_soon_threadsafe``
-onto the request's asyncio queue, so the event loop never waits on the engine. A client that goes away (a closed
-stream, or a non-streaming request's connection) cancels its engine requests: their slots are freed at the next
-engine step. FastAPI and uvicorn (the ``[serve]`` extra) are imported inside the functions that need them.
-"""
+Each choice is one engine request. Its events come from the engine thread through a
+:class:`~moekit.serve.choices.Inbox`: one ``loop.call_soon_threadsafe`` wakes the event loop for every event of an
+engine step (not one per token per request), and the loop moves them onto each request's asyncio queue, so the event
+loop never waits on the engine. A stream that falls behind the engine sends what has piled up for a choice as one
+chunk (several tokens' text), as OpenAI's streams may, rather than one chunk per token. A client that goes away (a
+closed stream, or a non-streaming request's connection) cancels its engine requests: their slots are freed at the
+next engine step. FastAPI and uvicorn (the ``[serve]`` extra) are imported inside the functions that need them."""
 
 # (no ``from __future__ import annotations``: FastAPI reads the endpoints' annotations, ``Request`` among them, at
 # runtime, and ``Request`` is imported inside create_app)
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import signal
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from moekit.serve.chat import ChatTemplate, load_chat_template
-from moekit.serve.engine import Engine, EngineConfig, EngineStopped, PromptTooLong, QueueFull, RequestOutput
+from moekit.serve.choices import Choices, Inbox, sse_chunks
+from moekit.serve.engine import Engine, EngineConfig
 from moekit.serve.protocol import (
     SERVE_EXTRA,
     ChatCompletionRequest,
@@ -45,12 +45,10 @@ from moekit.serve.protocol import (
     error_body,
     request_error_of,
 )
-from moekit.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat: the rest of the context)
-DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 CLIENT_CLOSED = 499  # (nginx's code) recorded for a request whose client left before its answer
 
 
@@ -110,108 +108,19 @@ class _CountRequests:
                 self.counters.answered[(getattr(route, "path", None) or "unmatched", status[0])] += 1
 
 
-class _Choices:
-    """The engine requests behind one HTTP request (``n`` per prompt, choice index = prompt * n + k), their events
-    on one asyncio queue, and what has finished."""
-
-    def __init__(self, engine: Engine, http_id: str, n: int) -> None:
-        self.engine, self.http_id, self.n = engine, http_id, n
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
-        self.request_ids: list[str] = []
-        self.prompts: list[list[int]] = []
-        self.finals: dict[int, RequestOutput] = {}
-        self.disconnected = False
-
-    def submit(self, prompts: list[list[int]], params: SamplingParams, where: str) -> None:
-        """Submit every choice (choice k of a prompt gets ``seed + k``); on any refusal cancel those already in."""
-        self.prompts = prompts
-        try:
-            for ids in prompts:
-                for k in range(self.n):
-                    p = params if params.seed is None or k == 0 else dataclasses.replace(params, seed=params.seed + k)
-                    rid = f"{self.http_id}-{len(self.request_ids)}"
-                    self.engine.submit(ids, p, sink=self._sink(len(self.request_ids)), request_id=rid)
-                    self.request_ids.append(rid)
-        except PromptTooLong as e:
-            self.cancel()
-            raise RequestError(str(e), _field_of(e, where), code="context_length_exceeded") from None
-        except QueueFull as e:
-            self.cancel()
-            raise RequestError(str(e), None, 429, "queue_full", "rate_limit_error") from None
-        except EngineStopped as e:
-            self.cancel()
-            raise RequestError(str(e), None, 503, "shutting_down", "server_error") from None
-        except ValueError as e:
-            self.cancel()
-            raise RequestError(str(e).replace("prompt:", f"{where}:", 1), _field_of(e, where)) from None
-
-    def _sink(self, index: int):
-        def sink(out: RequestOutput) -> None:  # on the engine thread: hand the event over, nothing more
-            try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
-            except RuntimeError:  # the event loop is closed: the server has stopped, nobody is waiting
-                pass
-        return sink
-
-    async def events(self, request=None) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every choice's events until all have finished, or until ``request``'s client has gone (then they are
-        cancelled). A stream passes no request: Starlette listens for a stream's disconnect itself and cancels it
-        (one listener on the ASGI ``receive``, not two)."""
-        next_check = self.loop.time() + DISCONNECT_POLL_S
-        while len(self.finals) < len(self.request_ids):
-            if request is not None and self.loop.time() >= next_check:  # (tokens may never pause: check by time)
-                next_check = self.loop.time() + DISCONNECT_POLL_S
-                if await request.is_disconnected():
-                    self.disconnected = True
-                    self.cancel()
-                    return
-            try:
-                index, out = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                try:
-                    index, out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    continue
-            if out.finished:
-                self.finals[index] = out
-            yield index, out
-
-    def cancel(self) -> None:
-        """Cancel the choices not finished yet (the engine frees their slots at its next step)."""
-        for index, rid in enumerate(self.request_ids):
-            if index not in self.finals:
-                self.engine.cancel(rid)
-
-    def failure(self) -> RequestError | None:
-        """The error to answer with when a choice ended in an engine error (500) or was cut by shutdown (503)."""
-        for out in self.finals.values():
-            if out.finish_reason == "error":
-                return RequestError(f"the engine failed on this request: {out.error}", None, 500, "engine_error",
-                                    "server_error")
-        if any(out.finish_reason == "cancelled" for out in self.finals.values()):
-            return RequestError("the server is shutting down: the request was cancelled before it finished", None,
-                                503, "shutting_down", "server_error")
-        return None
-
-    def usage(self) -> dict:
-        prompt = sum(len(p) for p in self.prompts)
-        completion = sum(out.completion_tokens for out in self.finals.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _field_of(e: Exception, where: str) -> str:
-    """The field an engine error names first (``"max_tokens: ..."``); the request's prompt field for ``prompt``."""
-    field = str(e).split(":", 1)[0]
-    return where if field == "prompt" or not field.isidentifier() else field
-
-
-def create_app(engine: Engine, model_name: str, chat_template: ChatTemplate | None = None):
+def create_app(engine: Engine, model_name: str, chat_template: ChatTemplate | None = None,
+               stream_interval: int = 1):
     """The FastAPI app serving ``engine`` as the model ``model_name`` (the engine is started by the caller).
+
+    ``stream_interval``: a stream's chunk carries at least this many tokens (its last one fewer), as vLLM's
+    ``--stream-interval``: every chunk is a socket write and a wake-up of the client, and on a host with few cores
+    that work is taken from the engine (see RESULTS.md, serving). 1: a chunk per token.
 
     ``chat_template``: default, the tokenizer's (``load_chat_template``), else moekit's default template. The app's
     ``state.draining`` set to True makes new generation requests 503 (``serve`` sets it on SIGINT/SIGTERM)."""
     require_serve()
+    if not (isinstance(stream_interval, int) and stream_interval >= 1):
+        raise ValueError(f"stream_interval: must be an integer >= 1, got {stream_interval!r}")
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -222,6 +131,7 @@ def create_app(engine: Engine, model_name: str, chat_template: ChatTemplate | No
         raise ValueError("create_app: the engine has no tokenizer to turn text into tokens")
     template = chat_template or load_chat_template(getattr(tok, "config", {}))
     counters = HTTPCounters()
+    inboxes: dict[asyncio.AbstractEventLoop, Inbox] = {}  # (one loop under uvicorn; a test client may run others)
     created = int(time.time())
     app = FastAPI(title="moekit", description=f"OpenAI-compatible server for {model_name}")
     app.state.draining = False
@@ -254,7 +164,7 @@ def create_app(engine: Engine, model_name: str, chat_template: ChatTemplate | No
     class EventStream(StreamingResponse):
         """Server-sent events whose engine requests are cancelled however the response ends."""
 
-        def __init__(self, body, choices: _Choices) -> None:
+        def __init__(self, body, choices: Choices) -> None:
             super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             self.choices = choices
 
@@ -265,6 +175,15 @@ def create_app(engine: Engine, model_name: str, chat_template: ChatTemplate | No
                 pass
             finally:
                 self.choices.cancel()
+
+    def new_choices(prefix: str, n: int) -> Choices:
+        loop = asyncio.get_running_loop()
+        inbox = inboxes.get(loop)
+        if inbox is None:
+            for old in [lp for lp in inboxes if lp.is_closed()]:
+                del inboxes[old]
+            inbox = inboxes[loop] = Inbox(loop)
+        return Choices(engine, f"{prefix}-{uuid.uuid4().hex}", n, inbox)
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "moekit",
@@ -307,7 +226,7 @@ def create_app(engine: Engine, model_name: str, chat_template: ChatTemplate | No
         admit(body.model)
         prompts = [_prompt_ids(p, tok) for p in body.prompts()]
         params = body.sampling_params(body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
-        choices = _Choices(engine, f"cmpl-{uuid.uuid4().hex}", body.choices_per_prompt)
+        choices = new_choices("cmpl", body.choices_per_prompt)
         choices.submit(prompts, params, "prompt")
         return await answer(choices, body, request, chat=False)
 
@@ -320,15 +239,15 @@ def create_app(engine: Engine, model_name: str, chat_template: ChatTemplate | No
             raise RequestError(f"messages: the prompt has {len(ids)} tokens, the context is {engine.max_seq_len}: "
                                "no room for a reply", "messages", code="context_length_exceeded")
         params = body.sampling_params(asked or engine.max_seq_len - len(ids), extra_stop=template.stop)
-        choices = _Choices(engine, f"chatcmpl-{uuid.uuid4().hex}", body.choices_per_prompt)
+        choices = new_choices("chatcmpl", body.choices_per_prompt)
         choices.submit([ids], params, "messages")
         return await answer(choices, body, request, chat=True)
 
-    async def answer(choices: _Choices, body, request, chat: bool):
+    async def answer(choices: Choices, body, request, chat: bool):
         head = {"id": choices.http_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": model_name}
         if body.stream:
-            return EventStream(_chunks(choices, body, head, chat), choices)
+            return EventStream(sse_chunks(choices, body, head, chat, stream_interval), choices)
         texts: dict[int, list[str]] = {i: [] for i in range(len(choices.request_ids))}
         tokens: dict[int, list[int]] = {i: [] for i in texts}
         try:
@@ -368,67 +287,26 @@ def _prompt_ids(prompt: str | list[int], tok) -> list[int]:
     return ids
 
 
-async def _chunks(choices: _Choices, body, head: dict, chat: bool) -> AsyncIterator[str]:
-    """The SSE body: OpenAI chunks as the engine's events come, then the usage chunk (when asked) and [DONE]."""
-    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-    usage = {"usage": None} if body.include_usage else {}
-
-    def chunk(index: int, text: str | None, finish: str | None, token_ids: list[int] | None = None) -> str:
-        c: dict[str, Any] = {"index": index}
-        if chat:
-            c["delta"] = {} if text is None else {"content": text}
-        else:
-            c["text"] = text or ""
-        c.update({"logprobs": None, "finish_reason": finish})
-        if token_ids is not None:
-            c["token_ids"] = token_ids
-        return _sse({**head, "choices": [c], **usage})
-
-    try:
-        if chat:  # every choice opens with the assistant's role
-            for i in range(len(choices.request_ids)):
-                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}], **usage})
-        async for index, out in choices.events():
-            if out.finish_reason in ("error", "cancelled"):
-                yield _sse(choices.failure().body())  # OpenAI's mid-stream error event; the other choices end too
-                choices.cancel()
-                break
-            ids = out.token_ids if body.return_token_ids else None
-            if out.text or (ids and not out.finished):
-                yield chunk(index, out.text, None, ids)
-            if out.finished:
-                yield chunk(index, None, out.finish_reason, [] if body.return_token_ids else None)
-        else:
-            if body.include_usage:
-                yield _sse({**head, "choices": [], "usage": choices.usage()})
-        yield "data: [DONE]\n\n"
-    finally:
-        choices.cancel()
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           max_seq_len: int | None = None, kv_cache_gb: float | None = None, max_queue: int = 64, dtype: str = "auto",
-          model_name: str | None = None, drain_timeout: float = 30.0) -> None:
+          model_name: str | None = None, drain_timeout: float = 30.0, stream_interval: int = 1,
+          expert_memory_gb: float | None = None) -> None:
     """Load ``checkpoint`` (as ``moekit generate`` does), start the engine and serve it over HTTP until SIGINT or
     SIGTERM. Then: no new connections, new requests on open ones 503, the running and queued requests finish (up to
     ``drain_timeout`` seconds, then they are cancelled), and the function returns (``moekit serve`` exits 0; a
     second SIGINT stops at once). ``model_name``: the ``model``
-    clients ask for (default: the checkpoint directory's name)."""
+    clients ask for (default: the checkpoint directory's name). ``stream_interval``: see :func:`create_app`.
+    ``expert_memory_gb``: the routed experts stay on disk, read into a pool of that many GiB (``moekit.offload``)."""
     require_serve()
     import uvicorn
 
     from moekit.train.evaluation import load_for_inference
 
-    model, tok, ckpt = load_for_inference(checkpoint, dtype=dtype)
+    model, tok, ckpt = load_for_inference(checkpoint, dtype=dtype, expert_memory_gb=expert_memory_gb)
     engine = Engine(model, tok, EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, kv_cache_gb=kv_cache_gb,
                                              max_queue=max_queue))
     name = model_name or Path(checkpoint).resolve().name
-    app = create_app(engine, name, load_chat_template(tok.config, ckpt))
+    app = create_app(engine, name, load_chat_template(tok.config, ckpt), stream_interval=stream_interval)
     stats = engine.stats()
     log.warning("moekit serve: %s as %r on http://%s:%d (%d KV slots of %d tokens, queue %d)", ckpt, name, host, port,
                 stats["slots"], stats["max_seq_len"], max_queue)

@@ -13,14 +13,24 @@ from moekit.model.transformer import Transformer
 from moekit.train.trainer import TrainConfig, evaluate, resolve_device
 
 
-def load_for_inference(path: str | Path, dtype: str = "auto", device: str = "auto") -> tuple[Transformer, Any, Path]:
+def load_for_inference(path: str | Path, dtype: str = "auto", device: str = "auto",
+                       expert_memory_gb: float | None = None) -> tuple[Transformer, Any, Path]:
     """(model, tokenizer, directory) of a run directory, a training checkpoint, or a moekit or Hugging
     Face checkpoint directory (with its tokenizer.json), on ``device`` in the compute ``dtype``
-    (``auto``: the stored dtype where the host computes it natively, else fp32, ``moekit.host.weights_dtype``)."""
+    (``auto``: the stored dtype where the host computes it natively, else fp32, ``moekit.host.weights_dtype``).
+    ``expert_memory_gb``: the routed experts stay on disk, read into a pool of that many GiB
+    (``moekit.offload.load_offloaded``; the CPU)."""
     from moekit.formats import from_pretrained, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
-    model = from_pretrained(ckpt, dtype=dtype, device=resolve_device(device))
+    if expert_memory_gb is not None:
+        from moekit.offload import load_offloaded
+
+        if resolve_device(device).type != "cpu":
+            raise ValueError(f"expert_memory: offloaded experts run on the CPU, not on {device}")
+        model = load_offloaded(ckpt, expert_memory_gb, dtype=dtype)
+    else:
+        model = from_pretrained(ckpt, dtype=dtype, device=resolve_device(device))
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(f"{ckpt}: no tokenizer files (tokenizer.json / tokenizer_config.json) to encode text with")
@@ -29,13 +39,14 @@ def load_for_inference(path: str | Path, dtype: str = "auto", device: str = "aut
 
 def generate_text(checkpoint: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int | None = 50, seed: int | None = None, device: str = "auto",
-                  dtype: str = "auto") -> Iterator[str]:
+                  dtype: str = "auto", expert_memory_gb: float | None = None) -> Iterator[str]:
     """Yield the continuation of ``prompt`` piece by piece as it is sampled (text, not token ids).
 
-    ``dtype``: the compute dtype (``auto``: see :func:`load_for_inference`)."""
+    ``dtype``: the compute dtype (``auto``: see :func:`load_for_inference`); ``expert_memory_gb``: offloaded
+    routed experts (ditto)."""
     from moekit.model.generate import sample_tokens
 
-    model, tok, _ = load_for_inference(checkpoint, dtype=dtype, device=device)
+    model, tok, _ = load_for_inference(checkpoint, dtype=dtype, device=device, expert_memory_gb=expert_memory_gb)
     ids: list[int] = []
     shown = ""
     # a prompt longer than the context keeps its most recent tokens (sample_tokens' documented truncation)
@@ -55,12 +66,13 @@ def generate_text(checkpoint: str | Path, prompt: str, max_new_tokens: int = 200
 def eval_checkpoint(checkpoint: str | Path, corpus: str = "stdlib", val_path: str | None = None,
                     text_field: str = "text", batch_size: int = 8, seq_len: int | None = None,
                     max_batches: int | None = None, cache_dir: str | None = None, device: str = "auto",
-                    progress: bool = True, dtype: str = "auto") -> dict[str, Any]:
+                    progress: bool = True, dtype: str = "auto",
+                    expert_memory_gb: float | None = None) -> dict[str, Any]:
     """Validation loss (nats/token), perplexity and bits per byte of a checkpoint on a corpus's val split,
-    computed in ``dtype`` (``auto``: see :func:`load_for_inference`)."""
+    computed in ``dtype`` (``auto``: see :func:`load_for_inference`; ``expert_memory_gb`` too)."""
     from moekit.train.data import prepare_data
 
-    model, tok, ckpt = load_for_inference(checkpoint, dtype=dtype, device=device)
+    model, tok, ckpt = load_for_inference(checkpoint, dtype=dtype, device=device, expert_memory_gb=expert_memory_gb)
     data, _ = prepare_data(corpus=corpus, tokenizer=tok, val_path=val_path, text_field=text_field,
                            cache_dir=cache_dir, progress=progress)
     seq_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
@@ -85,7 +97,8 @@ def eval_checkpoint(checkpoint: str | Path, corpus: str = "stdlib", val_path: st
 
 @torch.no_grad()
 def benchmark_generation(checkpoint: str | Path, prompt_tokens: int = 512, new_tokens: int = 128, rounds: int = 3,
-                         dtype: str = "auto", device: str = "auto", probe_bandwidth: bool = True) -> dict[str, Any]:
+                         dtype: str = "auto", device: str = "auto", probe_bandwidth: bool = True,
+                         expert_memory_gb: float | None = None) -> dict[str, Any]:
     """``moekit generate CKPT --benchmark``: prompt and decode tokens/s of a checkpoint on this host, and the share of
     the host's read bandwidth that decode reaches on the weights a token reads.
 
@@ -108,7 +121,14 @@ def benchmark_generation(checkpoint: str | Path, prompt_tokens: int = 512, new_t
         raise ValueError(f"rounds: must be >= 1, got {rounds}")
     t_load = time.perf_counter()
     dev = resolve_device(device)
-    model = from_pretrained(checkpoint, dtype=dtype, device=dev, tokenizer=False).eval()
+    if expert_memory_gb is not None:  # (offloaded: the pool's counters are reported)
+        from moekit.offload import load_offloaded, offload_stats
+
+        if dev.type != "cpu":
+            raise ValueError(f"expert_memory: offloaded experts run on the CPU, not on {dev}")
+        model = load_offloaded(checkpoint, expert_memory_gb, dtype=dtype, tokenizer=False)
+    else:
+        model = from_pretrained(checkpoint, dtype=dtype, device=dev, tokenizer=False).eval()
     load_s = time.perf_counter() - t_load
     cfg = model.config
     check_request(model, prompt_tokens, new_tokens)
@@ -143,4 +163,5 @@ def benchmark_generation(checkpoint: str | Path, prompt_tokens: int = 512, new_t
         "weight_bytes_per_decode_token": bytes_per_token, "decode_weight_bytes_per_s": achieved,
         "read_bandwidth_bytes_per_s": bandwidth,
         "bandwidth_fraction": None if bandwidth is None else achieved / bandwidth,
+        "offload": offload_stats(model) if expert_memory_gb is not None else None,
     }

@@ -14,9 +14,10 @@ from moekit.serve.server import create_app
 
 
 @contextlib.contextmanager
-def live_server(engine, model_name: str = "tiny"):
-    """uvicorn serving ``create_app(engine)`` on 127.0.0.1 at a free port, in a thread; the engine shut down after."""
-    app = create_app(engine, model_name)
+def live_server(engine, model_name: str = "tiny", **app_options):
+    """uvicorn serving ``create_app(engine, **app_options)`` on 127.0.0.1 at a free port, in a thread; the engine
+    shut down after."""
+    app = create_app(engine, model_name, **app_options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -36,6 +36,7 @@ from moekit.model.presets import PRESETS  # noqa: E402
 from moekit.model.transformer import Transformer  # noqa: E402
 from moekit.serve.chat import ChatTemplate  # noqa: E402
 from moekit.serve.engine import Engine, EngineConfig, EngineStopped, RequestOutput  # noqa: E402
+from moekit.serve.server import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOK = ByteTokenizer()
@@ -142,6 +143,29 @@ def test_sse_framing_raw(srv):
     assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 6
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]][-1] == "length"
+
+
+def test_stream_interval_sends_several_tokens_per_chunk(srv):
+    engine = Engine(tiny_model(), TOK, EngineConfig(max_batch=2))
+    engine.start()
+    body = {"prompt": "def ", "max_tokens": 11, "temperature": 0, "stream": True, "return_token_ids": True}
+    with live_server(engine, stream_interval=4) as s, httpx.Client(base_url=s.url, timeout=60) as http:
+        for n in (1, 2):  # one choice, and two interleaved
+            with http.stream("POST", "/v1/completions", json={**body, "n": n}) as r:
+                assert r.status_code == 200
+                events = r.read().decode().split("\n\n")[:-1]
+            assert events[-1] == "data: [DONE]"
+            chunks = [json.loads(e[len("data: "):])["choices"][0] for e in events[:-1]]
+            for i in range(n):
+                mine = [c for c in chunks if c["index"] == i]
+                sizes = [len(c["token_ids"]) for c in mine if c["finish_reason"] is None]
+                # 11 tokens in chunks of at least 4 (the last, fewer); the whole text and tokens as unstreamed
+                assert all(k >= 4 for k in sizes[:-1]) and sum(sizes) == 11 and len(sizes) <= 3, sizes
+                assert [t for c in mine for t in c["token_ids"]] == greedy(srv, TOK.encode("def "), 11)
+                assert "".join(c["text"] for c in mine) == TOK.decode(greedy(srv, TOK.encode("def "), 11))
+                assert mine[-1]["finish_reason"] == "length"
+    with pytest.raises(ValueError, match="stream_interval: must be an integer >= 1, got 0"):
+        create_app(engine, "tiny", stream_interval=0)
 
 
 def test_stop_strings_cut_the_text(srv):
