@@ -161,13 +161,18 @@ def raw_clients(port: int, prompts: list[list[int]], c: int, max_tokens: int) ->
                 tokens[0] += int(usage_re.findall(reply)[-1])
                 ttft.append(first)
 
-        t, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(one(prompts[i::c]) for i in range(c)))
-        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-        return {"tokens": tokens[0], "seconds": wall, "tokens_per_s": tokens[0] / wall,
-                "ttft_s": statistics.mean(ttft), "client_cpu_s": cpu}
+        return await _closed_loop(one, prompts, c, ttft, tokens)
 
     return asyncio.run(main())
+
+
+async def _closed_loop(one, prompts: list[list[int]], c: int, ttft: list[float], tokens: list[int]) -> dict:
+    """c clients ``one(share)`` at once, each with its share of the prompts; their figures, timed."""
+    t, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(one(prompts[i::c]) for i in range(c)))
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return {"tokens": tokens[0], "seconds": wall, "tokens_per_s": tokens[0] / wall, "ttft_s": statistics.mean(ttft),
+            "client_cpu_s": cpu}
 
 
 def http_clients(port: int, prompts: list[list[int]], c: int, max_tokens: int) -> dict:
@@ -199,11 +204,7 @@ def http_clients(port: int, prompts: list[list[int]], c: int, max_tokens: int) -
                                 tokens[0] += chunk["usage"]["completion_tokens"]
                     ttft.append(first)
 
-            t, cpu = time.perf_counter(), time.process_time()
-            await asyncio.gather(*(one(prompts[i::c]) for i in range(c)))
-            wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-        return {"tokens": tokens[0], "seconds": wall, "tokens_per_s": tokens[0] / wall,
-                "ttft_s": statistics.mean(ttft), "client_cpu_s": cpu}
+            return await _closed_loop(one, prompts, c, ttft, tokens)
 
     return asyncio.run(main())
 

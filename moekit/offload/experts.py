@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from moekit.layer.dispatch import DispatchPlan
 from moekit.layer.experts import Experts
-from moekit.layer.ffn import compute_dtype
+from moekit.layer.ffn import compute_dtype, needs_grad
 from moekit.layer.kernels.decode import DECODE_KERNEL, decode_eager, decode_rows_limit
 from moekit.layer.kernels.sorted_rows import ActSpec, Segments, experts_ffn
 from moekit.offload.store import ExpertStore
@@ -126,9 +126,7 @@ class OffloadedExperts(nn.Module):
         experts = sorted(experts, key=lambda e: self.pool.slot_of(e) is None)
         return [experts[i:i + self.n_slots] for i in range(0, len(experts), self.n_slots)]
 
-    def _biases(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-        return (None if self.b_in is None else self.b_in.to(dtype),
-                None if self.b_out is None else self.b_out.to(dtype))
+    _biases = Experts._biases  # (the same b_in / b_out attributes: slot stacks here)
 
     def forward(self, x_AD: Tensor, plan: DispatchPlan) -> Tensor:
         """Each expert on its rows (sorted by expert), its weights from the pool."""
@@ -158,7 +156,7 @@ class OffloadedExperts(nn.Module):
 
     def decode_eligible(self, x_TD: Tensor, top_k: int) -> bool:
         """A few tokens, no autograd, on the CPU: ``decode``."""
-        return (x_TD.device.type == "cpu" and not (torch.is_grad_enabled() and x_TD.requires_grad)
+        return (x_TD.device.type == "cpu" and not needs_grad(x_TD, self)
                 and x_TD.shape[0] * top_k <= decode_rows_limit(self.w_in, self.w_out))
 
     def decode(self, x_TD: Tensor, topk_idx_TK: Tensor, topk_weight_TK: Tensor) -> Tensor:

@@ -73,18 +73,18 @@ def load_offloaded(path: str | os.PathLike[str], expert_memory_gb: float, dtype:
         prefix = f"{name}.experts"
         names = [f"{prefix}.{p}" for p in PARTS if getattr(module.experts, p) is not None]
         stores[prefix] = ExpertStore(directory, names)
+    skip = tuple(f"{name}.experts." for name, _ in moe_layers)
     reader = SafetensorsReader(directory)
-    stored = reader["tok_emb.weight"].dtype if "tok_emb.weight" in reader else torch.float32
+    # (copies: the reader's tensors may map the file, and the resident part must not depend on its pages)
+    state = {k: reader[k].clone() for k in reader if not k.startswith(skip)}
+    del reader
+    stored = state["tok_emb.weight"].dtype if "tok_emb.weight" in state else torch.float32
     target = stored if dtype == "stored" else weights_dtype(dtype, stored, "cpu")
     slots = slots_for_budget(model, expert_memory_gb, target)
     offloaded: dict[str, OffloadedExperts] = {}
     for name, module in moe_layers:
         prefix = f"{name}.experts"
         offloaded[prefix] = module.experts = OffloadedExperts(module.experts, stores[prefix], prefix, slots, target)
-    skip = tuple(f"{prefix}." for prefix in offloaded)
-    # (copies: the reader's tensors may map the file, and the resident part must not depend on its pages)
-    state = {k: reader[k].clone() for k in reader if not k.startswith(skip)}
-    del reader
     load_into(model, state, str(directory))
     for p in model.parameters():
         p.requires_grad_(False)

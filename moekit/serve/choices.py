@@ -183,8 +183,7 @@ async def sse_chunks(choices: Choices, body, head: dict, chat: bool, interval: i
             for i in range(len(choices.request_ids)):
                 yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}], **usage})
-        pending: dict[int, tuple[list[str], list[int], list[int]]] = {}  # per choice: texts, token ids, count
-        finals: dict[int, RequestOutput] = {}
+        pending: dict[int, tuple[list[str], list[int]]] = {}  # per choice: the texts and token ids held back
         async for run in choices.batches():
             failed = next((out for _, out in run if out.finish_reason in ("error", "cancelled")), None)
             if failed is not None:
@@ -194,24 +193,21 @@ async def sse_chunks(choices: Choices, body, head: dict, chat: bool, interval: i
             # what piled up for each choice goes out as one chunk (choices in the order their events came)
             sending: list[int] = []
             for index, out in run:
-                held = pending.setdefault(index, ([], [], [0]))
-                held[0].append(out.text)
-                held[1].extend(out.token_ids)
-                held[2][0] += len(out.token_ids)
-                if out.finished:
-                    finals[index] = out
-                due = out.finished or held[2][0] >= interval or (interval == 1 and out.text)
+                texts, ids = pending.setdefault(index, ([], []))
+                texts.append(out.text)
+                ids.extend(out.token_ids)
+                due = out.finished or len(ids) >= interval or (interval == 1 and out.text)
                 if due and index not in sending:
                     sending.append(index)
             parts = []
             for index in sending:
-                texts, ids, _ = pending.pop(index)
+                texts, ids = pending.pop(index)
                 text = "".join(texts)
                 token_ids = ids if body.return_token_ids else None
                 if text or token_ids:  # (a final event carries no tokens: its tokens came in earlier events)
                     parts.append(chunk(index, text, None, token_ids))
-                if index in finals:
-                    parts.append(chunk(index, None, finals[index].finish_reason,
+                if index in choices.finals:  # (events() records a choice's final event before yielding it)
+                    parts.append(chunk(index, None, choices.finals[index].finish_reason,
                                        [] if body.return_token_ids else None))
             if parts:
                 yield "".join(parts)

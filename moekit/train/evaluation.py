@@ -20,21 +20,28 @@ def load_for_inference(path: str | Path, dtype: str = "auto", device: str = "aut
     (``auto``: the stored dtype where the host computes it natively, else fp32, ``moekit.host.weights_dtype``).
     ``expert_memory_gb``: the routed experts stay on disk, read into a pool of that many GiB
     (``moekit.offload.load_offloaded``; the CPU)."""
-    from moekit.formats import from_pretrained, resolve_checkpoint
+    from moekit.formats import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
-    if expert_memory_gb is not None:
-        from moekit.offload import load_offloaded
-
-        if resolve_device(device).type != "cpu":
-            raise ValueError(f"expert_memory: offloaded experts run on the CPU, not on {device}")
-        model = load_offloaded(ckpt, expert_memory_gb, dtype=dtype)
-    else:
-        model = from_pretrained(ckpt, dtype=dtype, device=resolve_device(device))
+    model = _load_model(ckpt, dtype, resolve_device(device), expert_memory_gb)
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(f"{ckpt}: no tokenizer files (tokenizer.json / tokenizer_config.json) to encode text with")
     return model, tok, ckpt
+
+
+def _load_model(checkpoint: str | Path, dtype: str, dev: torch.device, expert_memory_gb: float | None,
+                tokenizer: bool = True) -> Transformer:
+    """``from_pretrained``, or with ``expert_memory_gb`` ``moekit.offload.load_offloaded`` (the CPU only)."""
+    if expert_memory_gb is None:
+        from moekit.formats import from_pretrained
+
+        return from_pretrained(checkpoint, dtype=dtype, device=dev, tokenizer=tokenizer)
+    from moekit.offload import load_offloaded
+
+    if dev.type != "cpu":
+        raise ValueError(f"expert_memory: offloaded experts run on the CPU, not on {dev}")
+    return load_offloaded(checkpoint, expert_memory_gb, dtype=dtype, tokenizer=tokenizer)
 
 
 def generate_text(checkpoint: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -110,25 +117,18 @@ def benchmark_generation(checkpoint: str | Path, prompt_tokens: int = 512, new_t
     import statistics
     import time
 
-    from moekit.formats import from_pretrained
     from moekit.host import probe_host, read_bandwidth
     from moekit.model.costs import costs
     from moekit.model.decode import decode_step
     from moekit.model.generate import check_request, prefill
     from moekit.model.transformer import KVCache
+    from moekit.offload import offload_stats
 
     if rounds < 1:
         raise ValueError(f"rounds: must be >= 1, got {rounds}")
     t_load = time.perf_counter()
     dev = resolve_device(device)
-    if expert_memory_gb is not None:  # (offloaded: the pool's counters are reported)
-        from moekit.offload import load_offloaded, offload_stats
-
-        if dev.type != "cpu":
-            raise ValueError(f"expert_memory: offloaded experts run on the CPU, not on {dev}")
-        model = load_offloaded(checkpoint, expert_memory_gb, dtype=dtype, tokenizer=False)
-    else:
-        model = from_pretrained(checkpoint, dtype=dtype, device=dev, tokenizer=False).eval()
+    model = _load_model(checkpoint, dtype, dev, expert_memory_gb, tokenizer=False).eval()
     load_s = time.perf_counter() - t_load
     cfg = model.config
     check_request(model, prompt_tokens, new_tokens)

@@ -32,6 +32,15 @@ def budget_for(model: Transformer, slots: int, dtype: torch.dtype) -> float:
     return slots * len(model.moe_layers) * expert_bytes(model.moe_layers[0].experts, dtype) / GIB
 
 
+def offloaded_one_slot(tmp_path):
+    """A tiny fp32 model saved to ``tmp_path`` and loaded with one slot per layer: (model, file, its bytes,
+    the offloaded model)."""
+    model = tiny(torch.float32)
+    model.save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    return model, f, f.read_bytes(), load_offloaded(tmp_path, budget_for(model, 1, torch.float32), tokenizer=False)
+
+
 @pytest.fixture(scope="module", params=[torch.float64, torch.bfloat16], ids=["f64", "bf16"])
 def saved(request, tmp_path_factory):
     dtype = request.param
@@ -167,11 +176,7 @@ def test_engine_fails_only_the_request_whose_expert_cannot_be_read(tmp_path):
     from moekit.serve.engine import Engine, EngineConfig
     from moekit.serve.sampling import SamplingParams
 
-    model = tiny(torch.float32)
-    model.save_pretrained(tmp_path)
-    f = tmp_path / "model.safetensors"
-    data = f.read_bytes()
-    off = load_offloaded(tmp_path, budget_for(model, 1, torch.float32), tokenizer=False)
+    model, f, data, off = offloaded_one_slot(tmp_path)
     engine = Engine(off, ByteTokenizer(), EngineConfig(max_batch=2))
     engine.start()
     try:
@@ -209,11 +214,7 @@ def test_cli_generate_with_expert_memory(tmp_path):
 
 
 def test_a_failed_load_frees_its_slot(tmp_path):
-    model = tiny(torch.float32)
-    model.save_pretrained(tmp_path)
-    f = tmp_path / "model.safetensors"
-    data = f.read_bytes()
-    off = load_offloaded(tmp_path, budget_for(model, 1, torch.float32), tokenizer=False)
+    model, f, data, off = offloaded_one_slot(tmp_path)
     pool = off.moe_layers[0].experts.pool
     with open(f, "r+b") as fh:
         fh.truncate(len(data) // 3)
