@@ -29,6 +29,7 @@ from moekit.host import weights_dtype
 from moekit.layer.experts import Experts
 from moekit.layer.moe import MoE
 from moekit.offload.experts import PARTS, OffloadedExperts
+from moekit.offload.prefetch import GuessScore, Prefetcher
 from moekit.offload.store import ExpertStore
 
 GIB = 1024 ** 3
@@ -56,10 +57,19 @@ def slots_for_budget(model: nn.Module, expert_memory_gb: float, dtype: torch.dty
     return slots
 
 
+CACHES = ("lru", "none")
+
+
 def load_offloaded(path: str | os.PathLike[str], expert_memory_gb: float, dtype: torch.dtype | str | None = None,
-                   tokenizer: bool = True) -> nn.Module:
+                   tokenizer: bool = True, prefetch: bool = True, cache: str = "lru") -> nn.Module:
     """A moekit checkpoint as a ``Transformer`` whose routed experts stay in the checkpoint's files, read into
-    a pool of ``expert_memory_gb`` GiB (see the module docstring). ``dtype``: as ``moekit.from_pretrained``."""
+    a pool of ``expert_memory_gb`` GiB (see the module docstring). ``dtype``: as ``moekit.from_pretrained``.
+
+    ``prefetch``: each MoE layer guesses the next one's experts and reads them on a background thread
+    (``moekit.offload.prefetch``). ``cache``: ``"lru"`` keeps the slots' experts between calls (least recently
+    used evicted); ``"none"`` forgets them after every call (naive on-demand loading, the baseline)."""
+    if cache not in CACHES:
+        raise ValueError(f"cache: {cache!r} is not one of {', '.join(CACHES)}")
     directory = resolve_checkpoint(path)
     if not is_moekit_checkpoint(directory):
         raise CheckpointError(f"{directory}: offloading reads moekit checkpoints (stacked expert tensors); convert "
@@ -84,7 +94,12 @@ def load_offloaded(path: str | os.PathLike[str], expert_memory_gb: float, dtype:
     offloaded: dict[str, OffloadedExperts] = {}
     for name, module in moe_layers:
         prefix = f"{name}.experts"
-        offloaded[prefix] = module.experts = OffloadedExperts(module.experts, stores[prefix], prefix, slots, target)
+        offloaded[prefix] = module.experts = OffloadedExperts(module.experts, stores[prefix], prefix, slots, target,
+                                                              keep=cache == "lru")
+    if prefetch and cache == "lru":  # (nothing is kept without a cache: a guess would be read and then forgotten)
+        model.offload_prefetcher = prefetcher = Prefetcher()
+        for (_, this), (_, nxt) in zip(moe_layers, moe_layers[1:]):
+            this.experts.link_prefetch(prefetcher, nxt.router, nxt.experts)
     load_into(model, state, str(directory))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -97,10 +112,28 @@ def load_offloaded(path: str | os.PathLike[str], expert_memory_gb: float, dtype:
 
 
 def offload_stats(model: nn.Module) -> dict:
-    """Pool hits, misses, hit rate and bytes read over every offloaded layer of ``model``."""
-    pools = [m.pool for m in model.modules() if isinstance(m, OffloadedExperts)]
+    """Over every offloaded layer of ``model``: pool hits (``prefetch_hits`` of them on prefetched experts, the
+    rest ``reuse_hits``: kept from earlier tokens), misses (reads on the critical path), hit rate, prefetched
+    reads, bytes read, and per layer the guess recall and precision of the prefetch (None without one)."""
+    layers = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+    pools = [m.pool for m in layers]
     hits, misses = sum(p.hits for p in pools), sum(p.misses for p in pools)
+    prefetch_hits = sum(p.prefetch_hits for p in pools)
     stores = {id(p.store): p.store for p in pools}.values()
+    guesses = [{"recall": m.score.recall, "precision": m.score.precision, "needed": m.score.needed}
+               if m.score.needed else None for m in layers]
     return {"layers": len(pools), "slots_per_layer": pools[0].n_slots if pools else 0, "hits": hits,
-            "misses": misses, "hit_rate": hits / max(hits + misses, 1),
-            "bytes_read": sum(s.bytes_read for s in stores)}
+            "misses": misses, "hit_rate": hits / max(hits + misses, 1), "prefetch_hits": prefetch_hits,
+            "reuse_hits": hits - prefetch_hits, "prefetched": sum(p.prefetched for p in pools),
+            "bytes_read": sum(s.bytes_read for s in stores), "guess_per_layer": guesses}
+
+
+def reset_offload_stats(model: nn.Module) -> None:
+    """Zero the counters ``offload_stats`` reads (the pools keep their experts): e.g. after a warm-up round."""
+    for m in model.modules():
+        if isinstance(m, OffloadedExperts):
+            pool = m.pool
+            pool.hits = pool.misses = pool.prefetched = pool.prefetch_hits = 0
+            pool.evicted.clear()
+            m.score = GuessScore()
+            pool.store.bytes_read = pool.store.reads = 0

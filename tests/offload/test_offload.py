@@ -18,6 +18,7 @@ from moekit.model.presets import PRESETS
 from moekit.model.transformer import Transformer
 from moekit.offload import ExpertPool, ExpertStore, OffloadedExperts, load_offloaded, offload_stats
 from moekit.offload.load import GIB, expert_bytes
+from moekit.offload.prefetch import PrefetchJob
 from moekit.offload.store import read_header
 
 
@@ -67,7 +68,7 @@ def test_offloaded_forward_equals_resident(saved):
             # (prefill: each expert's GEMMs on the same rows as the resident layer's loop kernel: the same bits)
             assert torch.equal(got, want), (slots, (got - want).abs().max())
             stats = offload_stats(model)
-            assert stats["misses"] >= E * len(resident.moe_layers) and stats["bytes_read"] > 0
+            assert stats["misses"] + stats["prefetched"] >= E * len(resident.moe_layers) and stats["bytes_read"] > 0
 
 
 @pytest.mark.parametrize("slots_per_k", [4, 1, 0.5])
@@ -225,3 +226,149 @@ def test_a_failed_load_frees_its_slot(tmp_path):
         fh.write(data)
     assert pool.fetch([1]) == [0]
     assert torch.equal(off.moe_layers[0].experts.w_in[0], model.moe_layers[0].experts.w_in[1].detach())
+
+
+@pytest.mark.parametrize("slots", [8, 2, 1])
+def test_prefetch_never_changes_results(saved, slots):
+    """With and without the prefetch thread, and naive loading: the same logits and greedy tokens as resident."""
+    path, resident, dtype = saved
+    ids = torch.randint(0, resident.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    prompt = [7, 1, 8, 2, 8, 1, 8]
+    want_tokens = list(sample_tokens(resident, prompt, 10, temperature=0))
+    runs = {}
+    for prefetch, cache in ((True, "lru"), (False, "lru"), (False, "none")):
+        model = load_offloaded(path, budget_for(resident, slots, dtype), dtype="stored", tokenizer=False,
+                               prefetch=prefetch, cache=cache)
+        with torch.inference_mode():
+            logits = model(ids).logits
+        runs[prefetch, cache] = (logits, list(sample_tokens(model, prompt, 10, temperature=0)), offload_stats(model))
+    base_logits, base_tokens, _ = runs[False, "lru"]
+    for key, (logits, tokens, _) in runs.items():
+        assert torch.equal(logits, base_logits), key
+        assert tokens == base_tokens, key
+    if slots >= resident.config.moe.top_k or dtype == torch.float64:
+        assert base_tokens == want_tokens
+    with_prefetch, naive = runs[True, "lru"][2], runs[False, "none"][2]
+    assert with_prefetch["prefetched"] > 0 and runs[False, "lru"][2]["prefetched"] == 0
+    assert with_prefetch["guess_per_layer"][0] is None  # (the first MoE layer has no layer before it to guess)
+    assert all(0 <= g["recall"] <= 1 and g["needed"] > 0 for g in with_prefetch["guess_per_layer"][1:])
+    assert naive["hits"] == 0 and naive["misses"] > runs[False, "lru"][2]["misses"]
+
+
+def test_prefetch_reads_the_next_layers_guess(saved):
+    """Layer 0 on x guesses layer 1's experts with layer 1's router on x: the same x at layer 1 hits them all."""
+    path, resident, dtype = saved
+    model = load_offloaded(path, budget_for(resident, 4, dtype), dtype="stored", tokenizer=False)
+    first, second = model.moe_layers
+    x_TD = torch.randn(1, resident.config.dim, generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.inference_mode():
+        first(x_TD, aux=False)
+        guess = sorted(second.router(x_TD).topk_idx_TK.reshape(-1).tolist())
+        second.experts.pending[1].result()  # (the read, done on the prefetch thread)
+        pool = second.experts.pool
+        assert sorted(pool.lru) == guess and pool.prefetched == len(guess) and pool.misses == 0
+        got, want = second(x_TD, aux=False).out, resident.moe_layers[1](x_TD, aux=False).out
+    assert (pool.hits, pool.prefetch_hits, pool.misses) == (len(guess), len(guess), 0)
+    assert second.experts.score.recall == 1.0 and second.experts.score.precision == 1.0
+    assert torch.equal(got, want)
+
+
+def test_pool_prefetch_evicts_least_recently_used_and_counts_first_use(saved):
+    path, resident, dtype = saved
+    prefix = "layers.0.ffn.experts"
+    store = ExpertStore(path, [f"{prefix}.w_in", f"{prefix}.w_out"])
+    ex = resident.layers[0].ffn.experts
+    stacks = {"w_in": torch.zeros(2, *ex.w_in.shape[1:], dtype=dtype),
+              "w_out": torch.zeros(2, *ex.w_out.shape[1:], dtype=dtype)}
+    pool = ExpertPool(store, prefix, ex.n_experts, 2, stacks)
+    pool.fetch([0]), pool.fetch([1]), pool.fetch([0])
+    pool.prefetch(PrefetchJob([2, 3, 1]))  # at most S guesses; 1 is the least recently used, 0 the latest call's
+    assert pool.evicted == [1] and sorted(pool.lru) == [0, 2] and pool.prefetched == 1
+    assert torch.equal(stacks["w_in"][pool.slot_of(2)], ex.w_in[2].detach())
+    pool.fetch([2]), pool.fetch([2])     # the first use of a prefetched expert, then reuse
+    assert (pool.hits, pool.prefetch_hits, pool.misses) == (3, 1, 2)
+    pool.prefetch(PrefetchJob([3, 1]))   # the latest call's 2 stays: 0 makes room for 3, then no room is left
+    assert sorted(pool.lru) == [2, 3] and pool.evicted == [1, 0] and pool.prefetched == 2
+    pool.prefetch(PrefetchJob([1, 0], cancelled=True))  # (the layer arrived first: nothing is read)
+    assert sorted(pool.lru) == [2, 3] and pool.prefetched == 2
+    pool.prefetch(PrefetchJob([1, 0], keep_last=False))  # a guess that measured better may evict the last call's
+    assert sorted(pool.lru) == [0, 1] and pool.prefetched == 4
+    # reuse: fetches [0], [1], [0], [2], [2]: of 5 needed experts, 1 had been needed by the call before
+    assert (pool.reuse_right, pool.reuse_total) == (1, 5) and pool.reuse_rate == 0.2
+    naive = ExpertPool(store, prefix, ex.n_experts, 2, {k: v.clone() for k, v in stacks.items()}, keep=False)
+    naive.fetch([0]), naive.fetch([0])
+    assert (naive.hits, naive.misses) == (0, 2)
+
+
+def test_bad_cache_policy_is_an_error(saved):
+    path, resident, dtype = saved
+    with pytest.raises(ValueError, match="cache: 'fifo' is not one of lru, none"):
+        load_offloaded(path, 1.0, dtype="stored", cache="fifo")
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_store_reads_every_expert_exactly_direct_or_buffered(tmp_path, direct):
+    """Past the page cache (O_DIRECT through an aligned bounce buffer, where the file system has it) or through
+    it: the same bytes as the checkpoint's tensors, into fp32 or a converting dtype; a cut file names the expert."""
+    model = tiny(torch.float32)
+    model.save_pretrained(tmp_path)
+    names = [f"layers.{i}.ffn.experts.{p}" for i in range(2) for p in ("w_in", "w_out")]
+    store = ExpertStore(tmp_path, names, direct=direct)
+    state = model.state_dict()
+    for name in names:
+        for e in range(model.config.moe.n_experts):
+            out = torch.empty(store.tensors[name].expert_shape)
+            store.read(name, e, out)
+            assert torch.equal(out, state[name][e]), (name, e)
+            out64 = torch.empty(store.tensors[name].expert_shape, dtype=torch.float64)
+            store.read(name, e, out64)
+            assert torch.equal(out64, state[name][e].double())
+    assert store.reads == 2 * len(names) * model.config.moe.n_experts
+    f = tmp_path / "model.safetensors"
+    header, start = read_header(f)
+    begin, end = header[names[-1]]["data_offsets"]
+    with open(f, "r+b") as fh:
+        fh.truncate(start + end - 10)  # the last expert of the last tensor loses its last bytes
+    last = model.config.moe.n_experts - 1
+    with pytest.raises(CheckpointError, match=rf"truncated: tensor {names[-1]} expert {last} needs bytes"):
+        store.read(names[-1], last, torch.empty(store.tensors[names[-1]].expert_shape))
+    store.read(names[-1], 0, torch.empty(store.tensors[names[-1]].expert_shape))  # (the others still read)
+
+
+def test_a_batched_decode_step_loads_its_union_of_experts_once(saved):
+    """The engine's decode step sends all its rows through a layer at once: each expert they share is read once."""
+    path, resident, dtype = saved
+    model = load_offloaded(path, budget_for(resident, 4, dtype), dtype="stored", tokenizer=False, prefetch=False)
+    layer = model.moe_layers[0]
+    x_TD = torch.randn(6, resident.config.dim, generator=torch.Generator().manual_seed(6)).to(dtype)
+    with torch.inference_mode():
+        union = layer.router(x_TD).topk_idx_TK.unique().numel()
+        layer(x_TD, aux=False)
+    pool = layer.experts.pool
+    assert union < 6 * resident.config.moe.top_k and (pool.misses, pool.hits) == (union, 0)
+    assert layer.experts.pool.store.reads == union * 2  # (w_in and w_out of each)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_the_prefetch_guess_is_the_routers_selection(score_func):
+    """Without group limits the four-op guess picks what the router picks (with the balancing bias), most chosen
+    first, at most n."""
+    from moekit.config import MoEConfig
+    from moekit.layer.router import Router
+    from moekit.offload.prefetch import guessed_experts
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        router = Router(32, MoEConfig(n_experts=8, top_k=2, expert_ffn_dim=16, score_func=score_func,
+                                      expert_bias=True)).double()
+        router.weight.data.normal_()
+        router.expert_bias.copy_(torch.randn(8) * 0.1)
+        x_TD = torch.randn(5, 32, dtype=torch.float64)
+        with torch.inference_mode():
+            chosen_TK = router(x_TD).topk_idx_TK
+            one = guessed_experts(router, x_TD[:1], 8)
+            many = guessed_experts(router, x_TD, 3)
+        assert sorted(one) == sorted(chosen_TK[0].tolist())
+        counts = torch.bincount(chosen_TK.reshape(-1), minlength=8)
+        assert len(many) == 3 and all(counts[e] > 0 for e in many)
+        assert sorted(counts[many].tolist(), reverse=True) == counts.sort(descending=True).values[:3].tolist()
