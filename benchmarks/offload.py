@@ -154,7 +154,7 @@ def main() -> None:
     import torch
 
     from moekit.config import ModelConfig
-    from moekit.formats.checkpoint import build_empty, read_config_json
+    from moekit.formats.checkpoint import atomic_write_text, build_empty, read_config_json
     from moekit.formats.paths import resolve_checkpoint
     from moekit.host import probe_host
     from moekit.offload.load import expert_bytes as bytes_of_one
@@ -216,22 +216,19 @@ def main() -> None:
               "threads": torch.get_num_threads(), "checkpoint": str(directory), "routed_expert_mib": routed_gb * 1024,
               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     if not args.no_plot:
         _plot(rows, args.out.with_suffix(".png"))
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
+    from moekit.plotting import require_matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no matplotlib: no plot (pip install 'moekit[plot]')")
+    try:
+        plt = require_matplotlib()
+    except ImportError as e:
+        print(f"no plot: {e}")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     res = rows[0]

@@ -42,6 +42,17 @@ def offloaded_one_slot(tmp_path):
     return model, f, f.read_bytes(), load_offloaded(tmp_path, budget_for(model, 1, torch.float32), tokenizer=False)
 
 
+def pool_of(path, resident, layer: int, slots: int, dtype: torch.dtype, keep: bool = True):
+    """An ExpertPool of ``slots`` slots on layer ``layer``'s experts of the checkpoint at ``path``: (pool, its
+    slot stacks, the resident layer's experts)."""
+    prefix = f"layers.{layer}.ffn.experts"
+    store = ExpertStore(path, [f"{prefix}.w_in", f"{prefix}.w_out"])
+    ex = resident.layers[layer].ffn.experts
+    stacks = {"w_in": torch.zeros(slots, *ex.w_in.shape[1:], dtype=dtype),
+              "w_out": torch.zeros(slots, *ex.w_out.shape[1:], dtype=dtype)}
+    return ExpertPool(store, prefix, ex.n_experts, slots, stacks, keep), stacks, ex
+
+
 @pytest.fixture(scope="module", params=[torch.float64, torch.bfloat16], ids=["f64", "bf16"])
 def saved(request, tmp_path_factory):
     dtype = request.param
@@ -115,12 +126,7 @@ def test_decode_step_in_waves_matches_up_to_rounding(saved):
 
 def test_pool_evicts_least_recently_used(saved):
     path, resident, dtype = saved
-    prefix = "layers.1.ffn.experts"
-    store = ExpertStore(path, [f"{prefix}.w_in", f"{prefix}.w_out"])
-    ex = resident.layers[1].ffn.experts
-    stacks = {"w_in": torch.zeros(2, *ex.w_in.shape[1:], dtype=dtype),
-              "w_out": torch.zeros(2, *ex.w_out.shape[1:], dtype=dtype)}
-    pool = ExpertPool(store, prefix, ex.n_experts, 2, stacks)
+    pool, stacks, ex = pool_of(path, resident, 1, 2, dtype)
     assert pool.fetch([0]) == [0] and pool.fetch([1]) == [1]
     pool.fetch([0])                      # 0 used last: 1 is the least recently used
     assert pool.fetch([2]) == [1] and pool.evicted == [1]
@@ -275,12 +281,7 @@ def test_prefetch_reads_the_next_layers_guess(saved):
 
 def test_pool_prefetch_evicts_least_recently_used_and_counts_first_use(saved):
     path, resident, dtype = saved
-    prefix = "layers.0.ffn.experts"
-    store = ExpertStore(path, [f"{prefix}.w_in", f"{prefix}.w_out"])
-    ex = resident.layers[0].ffn.experts
-    stacks = {"w_in": torch.zeros(2, *ex.w_in.shape[1:], dtype=dtype),
-              "w_out": torch.zeros(2, *ex.w_out.shape[1:], dtype=dtype)}
-    pool = ExpertPool(store, prefix, ex.n_experts, 2, stacks)
+    pool, stacks, ex = pool_of(path, resident, 0, 2, dtype)
     pool.fetch([0]), pool.fetch([1]), pool.fetch([0])
     pool.prefetch(PrefetchJob([2, 3, 1]))  # at most S guesses; 1 is the least recently used, 0 the latest call's
     assert pool.evicted == [1] and sorted(pool.lru) == [0, 2] and pool.prefetched == 1
@@ -295,7 +296,7 @@ def test_pool_prefetch_evicts_least_recently_used_and_counts_first_use(saved):
     assert sorted(pool.lru) == [0, 1] and pool.prefetched == 4
     # reuse: fetches [0], [1], [0], [2], [2]: of 5 needed experts, 1 had been needed by the call before
     assert (pool.reuse_right, pool.reuse_total) == (1, 5) and pool.reuse_rate == 0.2
-    naive = ExpertPool(store, prefix, ex.n_experts, 2, {k: v.clone() for k, v in stacks.items()}, keep=False)
+    naive = pool_of(path, resident, 0, 2, dtype, keep=False)[0]
     naive.fetch([0]), naive.fetch([0])
     assert (naive.hits, naive.misses) == (0, 2)
 
