@@ -318,6 +318,37 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shift(args: argparse.Namespace) -> int:
+    from moekit.shift import shift
+
+    rep = shift(args.ref, args.other, corpus=args.corpus, batches=args.batches, batch_size=args.batch_size,
+                seq_len=args.seq_len, out=args.out, plots=not args.no_plots, dtype=args.dtype,
+                cache_dir=args.cache_dir, progress=not args.json, command="moekit " + " ".join(sys.argv[1:]))
+    print(json.dumps(rep.to_dict(), indent=2) if args.json else rep.markdown())
+    if args.out and not args.json:
+        print(f"wrote {args.out}/shift.json, shift.md" + ("" if args.no_plots else ", shift.png"))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from moekit.compress.prune import prune
+
+    res = prune(args.src, args.dst, experts_per_layer=args.experts_per_layer, drop_frac=args.drop_frac,
+                rule=args.rule, calib=args.calib, calib_sequences=args.calib_sequences, eval_batches=args.eval_batches,
+                seed=args.seed, cache_dir=args.cache_dir, progress=not args.json)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return 0
+    changed = sum(s["changed_any"] for s in res.shift.values()) / max(1, len(res.shift))
+    print(f"wrote {res.dst}: {res.experts_before} -> {res.experts_after} experts per MoE layer ({res.rule}); "
+          f"{res.params_before / 1e6:.2f}M -> {res.params_after / 1e6:.2f}M parameters "
+          f"({res.active_params / 1e6:.2f}M active); validation perplexity {res.perplexity_before:.3f} -> "
+          f"{res.perplexity_after:.3f}; tokens whose top-k changed: {changed:.1%} (mean over layers)")
+    for path, ids in res.kept_experts.items():
+        print(f"  {path}: kept {ids}")
+    return 0
+
+
 def cmd_upcycle(args: argparse.Namespace) -> int:
     from moekit.config import MoEConfig
     from moekit.formats import export_hf
@@ -497,6 +528,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0, help="seed of the calibration sample")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("shift", help="expert shift: how far OTHER's routing moved from REF's on the same tokens",
+                       description="Per MoE layer: the share of tokens whose top-k changed (at least one, at least "
+                                   "half, all), top-1 agreement, KL between the routing distributions and the change "
+                                   "in per-expert load, with both models' perplexity on the same validation tokens. "
+                                   "A pruned OTHER is mapped back to REF's experts through its pruning.json.")
+    p.add_argument("ref", help="reference checkpoint (moekit, Hugging Face or compressed)")
+    p.add_argument("other", help="modified checkpoint: compressed, pruned or fine-tuned from REF")
+    p.add_argument("--corpus", default="stdlib", help="corpus as for train; its validation split (default stdlib)")
+    p.add_argument("--batches", type=POSITIVE_INT, default=8, help="validation batches (default 8)")
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT, default=4,
+                   help="sequences per batch (default 4)")
+    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE_INT, default=None,
+                   help="tokens per sequence (default: REF's max_seq_len)")
+    p.add_argument("--out", help="write shift.json, shift.md and shift.png into this directory")
+    p.add_argument("--no-plots", dest="no_plots", action="store_true", help="no shift.png (no matplotlib needed)")
+    p.add_argument("--cache-dir", dest="cache_dir", help="token cache directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_inference_dtype_arg(p)
+    p.set_defaults(func=cmd_shift)
+
+    p = sub.add_parser("prune", help="drop the least-routed experts of every MoE layer; write a checkpoint",
+                       description="Static expert pruning by routing frequency on calibration text (or at random, "
+                                   "the baseline): the experts' weights and the router's rows for removed experts "
+                                   "go. DST is a plain moekit checkpoint (written atomically) with pruning.json "
+                                   "naming the kept experts; it loads, trains, converts and goes through costs.")
+    p.add_argument("src", help="source checkpoint (moekit run/checkpoint or Hugging Face MoE directory)")
+    p.add_argument("dst", help="destination directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--experts-per-layer", dest="experts_per_layer", type=POSITIVE_INT, help="experts kept per layer")
+    g.add_argument("--drop-frac", dest="drop_frac", type=NONNEGATIVE_FLOAT, help="share of each layer's experts "
+                                                                                  "dropped, in [0, 1)")
+    p.add_argument("--rule", choices=["frequency", "random"], default="frequency",
+                   help="which experts stay: the most routed (default) or random ones (the baseline)")
+    p.add_argument("--calib", default="stdlib", help="corpus the routes are counted on and the perplexity measured "
+                                                     "(default stdlib)")
+    p.add_argument("--calib-sequences", dest="calib_sequences", type=POSITIVE_INT, default=32,
+                   help="calibration sequences (default 32)")
+    p.add_argument("--eval-batches", dest="eval_batches", type=POSITIVE_INT, default=8,
+                   help="validation batches for the perplexity before and after (default 8)")
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0,
+                   help="seed of the calibration sample and of --rule random")
+    p.add_argument("--cache-dir", dest="cache_dir", help="token cache directory")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE one (sparse upcycling)",
                        description="Every expert starts as a copy of the dense FFN (optionally split into "

@@ -118,7 +118,7 @@ def test_cli_upcycle_convert_costs_on_hf_checkpoint(tmp_path):
 # the positional arguments each verb needs before a flag can be checked on its own
 _REQUIRED = {"train": ["--out", "x"], "generate": ["ckpt"], "eval": ["ckpt"], "convert": ["a", "b", "--to", "hf"],
              "upcycle": ["a", "b"], "compare": [], "costs": [], "compress": ["a", "b", "--bits", "4"],
-             "serve": ["ckpt"]}
+             "serve": ["ckpt"], "shift": ["a", "b"], "prune": ["a", "b"]}
 _BAD = {POSITIVE_INT.expects: "0", NONNEGATIVE_INT.expects: "-1", POSITIVE_FLOAT.expects: "0",
         NONNEGATIVE_FLOAT.expects: "-0.5", PORT.expects: "65536"}
 

@@ -3,7 +3,7 @@ circle, and every subpackage says in its docstring what it holds and may import.
 
 Stages, lowest first (a module may import its own stage and the ones below it, never one above):
 
-    config, host, plotting -> layer -> model -> formats -> upcycling -> parallel -> train -> compress -> serve -> compare -> cli
+    config, host, plotting -> layer -> model -> formats -> offload -> upcycling -> parallel -> train -> shift -> compress -> serve -> compare -> cli
 
 The imports read are every ``import moekit...`` / ``from moekit... import ...`` in the source, at module level
 and inside functions alike (a lazy import upward is still a dependency upward). One exception is allowed, and
@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "moekit"
 
-STAGES = ["config", "host", "layer", "model", "formats", "offload", "upcycling", "parallel", "train", "compress", "serve", "compare", "cli"]
+STAGES = ["config", "host", "layer", "model", "formats", "offload", "upcycling", "parallel", "train", "shift", "compress", "serve", "compare", "cli"]
 STAGE_OF_TOP = {"config": 0, "host": 0, "plotting": 0, "__init__": len(STAGES), "__main__": len(STAGES)}
 
 # (importing module, imported module prefix, enclosing function): the thin format methods on the model

@@ -286,12 +286,15 @@ def _alias_names(model: Any) -> dict[str, str]:
     return aliases
 
 
-def save_pretrained(model: Any, path: str | os.PathLike[str], max_shard_bytes: int | None = None) -> Path:
+def save_pretrained(model: Any, path: str | os.PathLike[str], max_shard_bytes: int | None = None,
+                    extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (a ``moekit.model.transformer.Transformer``, or any object with ``config`` and ``state_dict()``)
     in moekit's checkpoint format into directory ``path``.
 
     Tensors shared by several modules are stored once; the tokenizer attached as ``model.tokenizer``
-    (``moekit.from_pretrained`` attaches the checkpoint's) is saved alongside. Returns the directory.
+    (``moekit.from_pretrained`` attaches the checkpoint's) is saved alongside; ``extra_files`` ({name: text}, e.g.
+    a pruned model's ``pruning.json``) are written into the same directory, in the same atomic step. Returns the
+    directory.
     """
     path = Path(path)
     aliases = _alias_names(model)
@@ -306,6 +309,8 @@ def save_pretrained(model: Any, path: str | os.PathLike[str], max_shard_bytes: i
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(out)
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(out / name, text)
     return path
 
 
