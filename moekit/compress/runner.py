@@ -17,7 +17,7 @@ projections and dense FFNs are quantized only with ``quantize_dense`` (at ``dens
 width that fits ``bits`` on its own) and their bits then count in the average. Router, norms, embeddings and the
 output head stay in high precision (their stored dtype). Nothing is written unless every step succeeded.
 
-Imports: ``moekit.compress``, ``moekit.formats``, ``moekit.layer``, ``moekit.model``, ``moekit.train``.
+Imports: ``moekit.compress``, ``moekit.formats``, ``moekit.layer``, ``moekit.model``, ``moekit.shift``, ``moekit.train``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from moekit.compress.modules import QuantizedExperts, QuantizedLinear, Quantized
 from moekit.compress.quantize import WIDTHS, QuantizedTensor, QuantSpec, bits_of, check_width
 from moekit.layer.experts import MLP
 from moekit.layer.moe import MoE
+from moekit.shift.measure import validation_batches
 
 SCOPES = ("layer", "global")
 
@@ -87,15 +88,11 @@ def val_loss(model: nn.Module, corpus: str | os.PathLike[str], batches: int = 8,
              seq_len: int | None = None, cache_dir: str | os.PathLike[str] | None = None,
              progress: bool = False) -> float:
     """Mean next-token loss (nats) over the first ``batches`` windows of the corpus's validation split."""
-    from moekit.train.data import prepare_data
-
-    tok = getattr(model, "tokenizer", None) or "byte"
-    data, _ = prepare_data(corpus=corpus, tokenizer=tok, cache_dir=cache_dir, progress=progress)
-    seq_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    data = validation_batches(model, corpus, batches, batch_size, seq_len, cache_dir, progress)
     was = model.training
     model.eval()
     total = count = 0.0
-    for x, y in data.val_batches(batch_size, seq_len, batches):
+    for x, y in data:
         n = y.numel()
         total += float(model(x, y, aux=False).lm_loss) * n
         count += n

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from moekit.layer.moe import MoE
-from moekit.shift.metrics import LayerShift, ShiftCounts, shift_counts
+from moekit.shift.metrics import LayerShift, shift_counts
 
 PRUNING_FILE = "pruning.json"  # written by moekit prune: {"kept_experts": {layer path: [reference ids]}, ...}
 
@@ -214,8 +214,7 @@ def compare_routings(ref: RoutingRecorder, other: RoutingRecorder,
         r_idx, r_p = ref.routing(path)
         o_idx, o_p = other.routing(path)
         emap = None if expert_maps is None else expert_maps.get(path)
-        counts: ShiftCounts = shift_counts(r_idx, r_p, o_idx, o_p, emap)
-        out.append(counts.result(path))
+        out.append(shift_counts(r_idx, r_p, o_idx, o_p, emap).result(path))
     return out
 
 
